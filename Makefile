@@ -1,0 +1,38 @@
+# The two commands of the README: `make train` and `make test`. Each sets itself up on a fresh
+# machine: a .venv with torch==2.13.0 installed first (the local CPU wheel), then the project.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vtc-installed
+ARGS ?=
+
+.PHONY: setup train test test-fast eval mlflow bench clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## Train the tiny model on the synthetic set (generated on first use), evaluate, log to MLflow.
+train: setup
+	$(PY) train.py $(ARGS)
+
+## The test suite (CPU only; GPU tests are skipped without CUDA).
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+## Evaluate a checkpoint: make eval ARGS="ckpt_path=outputs/runs/.../checkpoints/last.ckpt"
+eval: setup
+	$(PY) eval.py $(ARGS)
+
+## The MLflow dashboard on 127.0.0.1 only.
+mlflow: setup
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean-runs:
+	rm -rf outputs multirun mlflow.db mlartifacts

@@ -1,0 +1,76 @@
+"""Reject configurations that cannot work before any model is built or any data is read.
+
+Every error is a ``ConfigError`` whose message starts with the key to change.
+"""
+from __future__ import annotations
+
+import os
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from vtc.errors import ConfigError
+from vtc.model.encoder import EncoderInfo, encoder_info, load_vision_config
+from vtc.model.llm import load_text_config
+
+
+def _get(cfg: DictConfig, key: str):
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(key, "is required but not set (???); give it on the command line, e.g. "
+                          f"{key}=/path/to/model") from None
+
+
+def encoder_info_from_cfg(cfg: DictConfig) -> EncoderInfo:
+    enc = cfg.encoder
+    path = _get(cfg, "encoder.path")
+    pretrain = OmegaConf.select(cfg, "encoder.pretrain")
+    if path is not None and not os.path.isdir(path):
+        if not pretrain:
+            raise ConfigError("encoder.path", f"directory {path!r} does not exist; point it at a local model folder")
+        path = None  # produced by the pre-training stage from encoder.config
+    vcfg = load_vision_config(path, OmegaConf.to_container(enc.config, resolve=True) if path is None else None, enc.kind)
+    info = encoder_info(vcfg, enc.select_layer)
+    if enc.get("image_size") is not None and enc.image_size != info.image_size:
+        raise ConfigError(
+            "encoder.image_size",
+            f"{enc.image_size} differs from the model's own {info.image_size} px; set encoder.image_size={info.image_size}",
+        )
+    return info
+
+
+def llm_depth_from_cfg(cfg: DictConfig) -> int:
+    path = _get(cfg, "llm.path")
+    config = None if path is not None else OmegaConf.to_container(cfg.llm.config, resolve=True)
+    if config is not None:
+        config.setdefault("vocab_size", 32)  # the real vocabulary comes from the tokenizer later
+    return load_text_config(path, config).num_hidden_layers
+
+
+def check_config(cfg: DictConfig) -> tuple[EncoderInfo, int]:
+    info = encoder_info_from_cfg(cfg)
+    depth = llm_depth_from_cfg(cfg)
+    data_size = OmegaConf.select(cfg, "data.image_size")
+    if data_size is not None and data_size != info.image_size:
+        raise ConfigError(
+            "data.image_size",
+            f"{data_size} px images cannot go into an encoder built for {info.image_size} px; "
+            f"set data.image_size={info.image_size}",
+        )
+    compressor = instantiate(cfg.compressor)
+    compressor.check(info, depth)
+    if compressor.needs_cls and not info.has_cls:
+        raise ConfigError(
+            "compressor",
+            f"{type(compressor).__name__} reads the CLS token, which encoder={cfg.encoder.kind} does not have",
+        )
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if max_steps is not None and max_steps != -1 and max_steps <= 0:
+        raise ConfigError("trainer.max_steps", f"must be positive (or -1 for epochs), got {max_steps}")
+    for key in ("data.batch_size", "data.eval_batch_size"):
+        v = OmegaConf.select(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(key, f"must be positive, got {v}")
+    return info, depth

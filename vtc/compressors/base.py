@@ -1,0 +1,108 @@
+"""The compressor contract: every visual-token compression method is one ``Compressor``.
+
+A compressor declares where it acts (``site``):
+  - ``"vision"``: inside the vision encoder, between its blocks (ToMe);
+  - ``"pre_llm"``: on the encoder's patch features, before the projector (pooling, STF,
+    PruMerge+, VisionZip, ...);
+  - ``"llm"``: inside the LLM, before decoder layer ``layer`` (LLaVolta's pooling, FastV, DART).
+
+It exposes ``knobs``: the attribute names a curriculum may change during a run (a stride, a keep
+ratio, a layer index). ``check(encoder, llm)`` rejects a configuration that cannot work before any
+model is built; ``setup(encoder, llm)`` creates parameters once the model widths are known, so a
+real-size config can be validated without allocating anything.
+
+Counting: ``tokens_out(n)`` is the visual tokens leaving a pre-LLM/vision compressor for ``n``
+patch tokens in; ``tokens_per_layer(n, num_layers)`` the visual tokens each LLM layer sees (for
+FLOPs and "equivalent tokens"). Methods whose count depends on the data report the count of the
+last batch through the LMM's measured ``seen`` statistics instead.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vtc.errors import ConfigError
+from vtc.model.encoder import EncoderInfo
+
+
+class Compressor(nn.Module):
+    site: ClassVar[str] = "pre_llm"
+    knobs: ClassVar[tuple[str, ...]] = ()
+    #: True when the method produces features already at the LLM width (STF's fusion MLP is the
+    #: projector), so no separate projector is built.
+    owns_projection: ClassVar[bool] = False
+    #: True when the method reads the CLS token (PruMerge+, VisionZip): encoders without one
+    #: (SigLIP) must be told at start-up.
+    needs_cls: ClassVar[bool] = False
+
+    def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
+        """Raise ``ConfigError`` naming the key when this configuration cannot work."""
+
+    def setup(self, encoder: EncoderInfo, llm_hidden: int) -> None:
+        """Create parameters once the widths are known (parameter-free methods do nothing)."""
+
+    # -- knobs ---------------------------------------------------------------------------------
+    def get_knobs(self) -> dict:
+        return {k: getattr(self, k) for k in self.knobs}
+
+    def set_knobs(self, **values) -> None:
+        for k, v in values.items():
+            if k not in self.knobs:
+                raise ConfigError(f"compressor.{k}", f"not a knob of {type(self).__name__}; knobs: {list(self.knobs)}")
+            setattr(self, k, v)
+
+    # -- counting ------------------------------------------------------------------------------
+    def tokens_out(self, n: int) -> int:
+        return n
+
+    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
+        return [self.tokens_out(n)] * num_layers
+
+    def output_dim(self, in_dim: int) -> int:
+        return in_dim
+
+    def describe(self) -> str:
+        knobs = ", ".join(f"{k}={v}" for k, v in self.get_knobs().items())
+        return f"{type(self).__name__}({knobs})"
+
+
+class PreLLMCompressor(Compressor):
+    site: ClassVar[str] = "pre_llm"
+    #: hidden-state indices (HF convention, negative allowed) the method needs besides the
+    #: selected layer (MBTF's extra blocks).
+    extra_layers: ClassVar[tuple[int, ...]] = ()
+
+    def forward(self, features: torch.Tensor, enc) -> torch.Tensor:  # pragma: no cover - abstract
+        """features [B, N, C] (CLS dropped), ``enc`` the EncoderOutput (grid, states, cls) plus
+        ``enc.encoder`` for recomputing attention rows. Returns [B, N', C']."""
+        raise NotImplementedError
+
+
+class LLMCompressor(Compressor):
+    site: ClassVar[str] = "llm"
+    knobs: ClassVar[tuple[str, ...]] = ("layer",)
+
+    def __init__(self, layer: int = 2):
+        super().__init__()
+        self.layer = layer
+
+    def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
+        if not 0 <= self.layer < llm_layers:
+            raise ConfigError("compressor.layer", f"{self.layer} is outside the LLM's layers 0..{llm_layers - 1}")
+
+    def applies_at(self, layer_idx: int) -> bool:
+        return self.layer is not None and layer_idx == self.layer
+
+    def compress(self, state, layer_idx: int, layer: nn.Module):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class NoCompression(Compressor):
+    """The uncompressed baseline: every patch token reaches the LLM (LLaVA-1.5: 576)."""
+
+    site: ClassVar[str] = "pre_llm"
+
+    def forward(self, features: torch.Tensor, enc=None) -> torch.Tensor:
+        return features

@@ -1,0 +1,53 @@
+"""Config plumbing shared by train.py, eval.py and the tests: resolvers and small helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+
+def _run_name() -> str:
+    """The Hydra overrides of this job (``compressor=pool,seed=1``), or ``default``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        name = HydraConfig.get().job.override_dirname
+    except Exception:
+        name = ""
+    return name or "default"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("vtc_root"):
+        OmegaConf.register_new_resolver("vtc_root", lambda: os.environ.get("VTC_ROOT", str(ROOT)))
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", _run_name)
+    if not OmegaConf.has_resolver("basename"):
+        OmegaConf.register_new_resolver("basename", lambda p: os.path.basename(str(p).rstrip("/")))
+
+
+register_resolvers()
+
+
+def node_kwargs(node: DictConfig, drop: tuple[str, ...] = ()) -> dict:
+    """A config node as plain kwargs for ``hydra.utils.instantiate``, minus keys it must not see."""
+    d = OmegaConf.to_container(node, resolve=True)
+    for k in drop:
+        d.pop(k, None)
+    return d
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists kept as their string form (MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule, callbacks, trainer-side helpers."""

@@ -1,0 +1,179 @@
+"""``LMMModule``: the unit of training. It owns an ``LMM`` and decides what trains and how.
+
+Logged (names are stable; reports read them):
+  train/loss, train/visual_tokens (per image sample, entering the LLM),
+  train/equiv_visual_tokens (layer average: what FLOPs scale with), train/samples_per_sec, lr;
+  val/loss, val/acc, val/acc_<question type>, val/visual_tokens; test/acc, test/acc_<type>.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from vtc.metrics.exact_match import ExactMatchAccuracy
+from vtc.model.lmm import LMM
+
+PARTS = ("encoder", "compressor", "projector", "llm")
+
+
+def visual_stats(visual_in: torch.Tensor, seen: torch.Tensor) -> tuple[float, float]:
+    """Mean visual tokens entering the LLM and the layer-averaged mean ("equivalent tokens"),
+    over the samples that have an image."""
+    has = visual_in > 0
+    if not bool(has.any()):
+        return 0.0, 0.0
+    return float(visual_in[has].float().mean()), float(seen[:, has].float().mean())
+
+
+class LMMModule(L.LightningModule):
+    def __init__(
+        self,
+        model: LMM,
+        tokenizer=None,
+        train_parts: tuple[str, ...] = ("projector", "compressor", "llm"),
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 4,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        unknown = set(train_parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"train_parts: unknown parts {sorted(unknown)}; choose from {PARTS}")
+        self.train_parts = tuple(train_parts)
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
+        self.max_new_tokens = max_new_tokens
+        for part in PARTS:
+            for p in getattr(model, part).parameters():
+                p.requires_grad_(part in self.train_parts)
+        self.val_acc = ExactMatchAccuracy()
+        self.test_acc = ExactMatchAccuracy()
+        self.type_acc = nn.ModuleDict()
+        self.predictions: list[dict] = []
+        self._t0 = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts stay in eval mode (no dropout), as LLaVA keeps CLIP.
+        for part in PARTS:
+            if part not in self.train_parts:
+                getattr(self.model, part).eval()
+        return self
+
+    def forward(self, batch):
+        return self.model(batch)
+
+    # -- training --------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
+        bs = batch["input_ids"].shape[0]
+        vis, equiv = visual_stats(out.visual_in, out.seen)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/visual_tokens", vis, batch_size=bs)
+        self.log("train/equiv_visual_tokens", equiv, batch_size=bs)
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            self.log("train/samples_per_sec", batch["input_ids"].shape[0] / max(dt, 1e-9))
+        sched = self.lr_schedulers()
+        if sched is not None:
+            self.log("lr", sched.get_last_lr()[0])
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def decode(self, tokens: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+    def _eval_step(self, batch, stage: str):
+        out = self(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out.loss, batch_size=bs, sync_dist=True)
+        tokens, seen = self.model.generate(
+            batch["gen_input_ids"],
+            batch["gen_attention_mask"],
+            batch["pixel_values"],
+            batch["image_index"],
+            max_new_tokens=self.max_new_tokens,
+        )
+        preds = self.decode(tokens)
+        metric = self.val_acc if stage == "val" else self.test_acc
+        metric.update(preds, batch["answers"])
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        vis, equiv = visual_stats(out.visual_in, seen)
+        self.log(f"{stage}/visual_tokens", vis, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/equiv_visual_tokens", equiv, batch_size=bs, sync_dist=True)
+        for qtype in sorted(set(batch.get("question_types", []))):
+            if not qtype:
+                continue
+            idx = [i for i, t in enumerate(batch["question_types"]) if t == qtype]
+            key = f"{stage}_{qtype}"
+            if key not in self.type_acc:
+                self.type_acc[key] = ExactMatchAccuracy().to(self.device)
+            self.type_acc[key].update([preds[i] for i in idx], [batch["answers"][i] for i in idx])
+        if stage == "test":
+            for i, sid in enumerate(batch["ids"]):
+                self.predictions.append(
+                    {
+                        "question_id": sid,
+                        "question_type": batch.get("question_types", [""] * bs)[i],
+                        "text": preds[i],
+                        "answer": batch["answers"][i],
+                    }
+                )
+
+    def _log_type_acc(self, stage: str):
+        for key, metric in self.type_acc.items():
+            if key.startswith(stage + "_"):
+                self.log(f"{stage}/acc_{key[len(stage) + 1:]}", metric.compute())
+                metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        self._log_type_acc("val")
+
+    def on_test_epoch_start(self):
+        self.predictions = []
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self):
+        self._log_type_acc("test")
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.warmup_ratio * total)
+        floor = self.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            # Linear warmup then cosine decay to ``min_lr_ratio`` (LLaVA's recipe uses 0.03 / 0).
+            if step < warmup:
+                return (step + 1) / max(warmup, 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

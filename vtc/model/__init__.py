@@ -1,0 +1,1 @@
+"""Model components: vision encoder, projector, language model, splicing, the assembled LMM."""

@@ -1,0 +1,157 @@
+"""The LLaVA-style model: encoder -> compressor -> projector -> LLM, with explicit splicing.
+
+``forward`` is the training / teacher-forced path (loss only on answer tokens, logits only where
+there is a target, so visual tokens never go through the LM head). ``generate`` is greedy
+decoding with a KV cache; an in-LLM compressor compresses the prompt once and every decode step
+attends to the compressed cache, as at deployment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vtc.compressors.base import Compressor, NoCompression
+from vtc.data.batch import IGNORE_INDEX
+from vtc.model.encoder import VisionEncoder
+from vtc.model.llm import LanguageModel
+from vtc.model.projector import build_projector
+from vtc.model.sequence import SeqState
+from vtc.model.splice import splice
+
+
+@dataclass
+class LMMOutput:
+    loss: torch.Tensor
+    num_targets: int
+    visual_in: torch.Tensor  # [B] visual tokens entering the LLM per sample
+    seen: torch.Tensor  # [num_layers, B] visual tokens each layer saw per sample
+
+
+class LMM(nn.Module):
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        llm: LanguageModel,
+        compressor: Compressor | None = None,
+        projector: str = "mlp2x_gelu",
+        image_token_id: int = -1,
+        pad_token_id: int = 0,
+        eos_token_id: int | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.llm = llm
+        self.compressor = compressor if compressor is not None else NoCompression()
+        self.compressor.check(encoder.info, llm.num_layers)
+        self.compressor.setup(encoder.info, llm.hidden_size)
+        if self.compressor.owns_projection:
+            self.projector = nn.Identity()
+        else:
+            in_dim = self.compressor.output_dim(encoder.info.hidden_size)
+            self.projector = build_projector(projector, in_dim, llm.hidden_size)
+        self.projector_kind = projector
+        self.image_token_id = image_token_id
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+
+    # -- parts -----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, V, d_llm] visual tokens, compressed before the LLM if the site says."""
+        comp = self.compressor
+        vision_comp = comp if comp.site == "vision" else None
+        extra = getattr(comp, "extra_layers", ()) if comp.site == "pre_llm" else ()
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(need_grad):
+            enc = self.encoder(pixel_values, keep_states=tuple(extra), vision_compressor=vision_comp)
+        enc.encoder = self.encoder
+        feats = enc.features
+        if comp.site == "pre_llm":
+            feats = comp(feats, enc)
+        return self.projector(feats.to(self.projector_dtype))
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        for p in self.projector.parameters():
+            return p.dtype
+        return self.llm.model.dtype
+
+    def build_sequence(self, input_ids, attention_mask, labels, pixel_values, image_index) -> SeqState:
+        # The placeholder id may lie outside the LLM's vocabulary (added to a real tokenizer):
+        # its embedding is discarded by the splice, so embed the pad id in its place.
+        ids = input_ids.masked_fill(input_ids == self.image_token_id, self.pad_token_id)
+        embeds = self.llm.embed(ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            visual = self.encode_images(pixel_values)
+        else:
+            visual = embeds.new_zeros(0, 0, embeds.shape[-1])
+        return splice(embeds, input_ids, attention_mask, labels, image_index, visual, self.image_token_id)
+
+    # -- training --------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> LMMOutput:
+        state = self.build_sequence(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_index"]
+        )
+        visual_in = state.visual_counts()
+        out, seen, _ = self.llm.run_layers(state, self.compressor)
+        valid = out.targets != IGNORE_INDEX
+        logits = self.llm.logits(out.hidden[valid])
+        n = int(valid.sum())
+        loss = F.cross_entropy(logits.float(), out.targets[valid], reduction="sum") / max(n, 1)
+        return LMMOutput(loss=loss, num_targets=n, visual_in=visual_in, seen=torch.stack(seen))
+
+    # -- inference -------------------------------------------------------------------------------
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy choice; the image placeholder is never a valid output token."""
+        if 0 <= self.image_token_id < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., self.image_token_id] = float("-inf")
+        return logits.argmax(-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        gen_input_ids: torch.Tensor,
+        gen_attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_index: torch.Tensor,
+        max_new_tokens: int = 8,
+        eos_token_id: int | None = None,
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Greedy decoding with a KV cache. Returns the new tokens per sample (eos excluded) and
+        the [num_layers, B] visual tokens each layer saw during prefill."""
+        from transformers import DynamicCache
+
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        state = self.build_sequence(gen_input_ids, gen_attention_mask, None, pixel_values, image_index)
+        cache = DynamicCache(config=self.llm.config)
+        out, seen, masks = self.llm.run_layers(state, self.compressor, cache=cache)
+        B = out.hidden.shape[0]
+        rows = torch.arange(B, device=out.hidden.device)
+        last = out.lengths - 1
+        next_pos = out.position_ids[rows, last] + 1
+        token = self.next_token(self.llm.logits(out.hidden[rows, last]))
+        done = torch.zeros(B, dtype=torch.bool, device=token.device)
+        result: list[list[int]] = [[] for _ in range(B)]
+        for step in range(max_new_tokens):
+            for b in range(B):
+                if not done[b] and (eos is None or int(token[b]) != eos):
+                    result[b].append(int(token[b]))
+            if eos is not None:
+                done |= token == eos
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            step_state = SeqState(
+                hidden=self.llm.embed(token[:, None]),
+                attention_mask=torch.ones(B, 1, dtype=torch.long, device=token.device),
+                position_ids=next_pos[:, None],
+                visual_mask=torch.zeros(B, 1, dtype=torch.bool, device=token.device),
+                targets=None,
+                query_index=torch.zeros(B, dtype=torch.long, device=token.device),
+            )
+            o, _, masks = self.llm.run_layers(step_state, self.compressor, cache=cache, past_mask=masks)
+            token = self.next_token(self.llm.logits(o.hidden[:, -1]))
+            next_pos = next_pos + 1
+        return result, torch.stack(seen)

@@ -1,0 +1,60 @@
+"""Make what a run needs exist before it starts: the synthetic data set, the tiny encoder.
+
+Both are cached under ``data/`` and built under a file lock, so concurrent jobs (a sweep with a
+parallel launcher, several ranks) build them once and never read a half-written copy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def ensure_data(cfg: DictConfig) -> None:
+    gen = OmegaConf.select(cfg, "data.generate")
+    if not gen:
+        return
+    from vtc.data.synthetic import ensure_synthetic
+
+    root = cfg.data.root
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    with FileLock(root + ".lock"):
+        ensure_synthetic(
+            root,
+            seed=gen.seed,
+            n_train=gen.n_train,
+            n_val=gen.n_val,
+            n_test=gen.n_test,
+            image_size=gen.image_size,
+            grid=gen.grid,
+        )
+
+
+def ensure_encoder(cfg: DictConfig) -> None:
+    pre = OmegaConf.select(cfg, "encoder.pretrain")
+    path = cfg.encoder.path
+    if not pre or os.path.isdir(path):
+        return
+    from vtc.model.encoder_pretrain import pretrain_encoder
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileLock(path + ".lock"):
+        if not os.path.isdir(path):
+            pretrain_encoder(
+                out_dir=path,
+                encoder_config=OmegaConf.to_container(cfg.encoder.config, resolve=True),
+                kind=cfg.encoder.kind,
+                select_layer=cfg.encoder.select_layer,
+                image_mean=list(cfg.data.image_mean),
+                image_std=list(cfg.data.image_std),
+                **OmegaConf.to_container(pre, resolve=True),
+            )
+
+
+def prepare(cfg: DictConfig) -> None:
+    ensure_data(cfg)
+    ensure_encoder(cfg)

@@ -1,0 +1,99 @@
+"""The training task behind ``train.py``: check, prepare, build, fit, test, log.
+
+Kept out of train.py so tests can call it with a composed config, and so importing train.py
+stays cheap until Hydra has parsed the command line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vtc.checks import check_config
+from vtc.config import node_kwargs
+from vtc.prepare import prepare
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig):
+    return instantiate(node_kwargs(cfg.data, drop=("generate",)))
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    from vtc.tracking import ensure_experiment, parent_tags
+
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        kwargs = node_kwargs(node)
+        if name == "mlflow":
+            ensure_experiment(kwargs["tracking_uri"], kwargs["experiment_name"])
+            kwargs["tags"] = {**(kwargs.get("tags") or {}), **parent_tags()}
+        loggers.append(instantiate(kwargs))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def build_module(cfg: DictConfig, tokenizer):
+    from vtc.lit.module import LMMModule
+    from vtc.model.build import build_lmm
+
+    model = build_lmm(cfg, tokenizer)
+    return LMMModule(
+        model,
+        tokenizer=tokenizer,
+        train_parts=tuple(cfg.train_parts),
+        max_new_tokens=cfg.generation.max_new_tokens,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+
+
+def write_predictions(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def train(cfg: DictConfig) -> float | None:
+    check_config(cfg)  # fails fast, naming the key, before anything heavy happens
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    prepare(cfg)
+
+    from vtc.data.tokenizer import load_tokenizer
+    from vtc.tracking import log_config
+
+    tokenizer = load_tokenizer(cfg.llm.tokenizer_path)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, tokenizer)
+    loggers = build_loggers(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+    output_dir = cfg.paths.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    mlflow_logger = next((lg for lg in loggers if hasattr(lg, "run_id")), None)
+    if trainer.is_global_zero:
+        log_config(mlflow_logger, cfg, output_dir)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test"):
+        trainer.test(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if trainer.is_global_zero:
+            path = os.path.join(output_dir, "predictions.jsonl")
+            write_predictions(path, module.predictions)
+            if mlflow_logger is not None:
+                mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, path)
+    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics.get(cfg.get("optimized_metric") or "", None)
