@@ -10,36 +10,7 @@ from vtc.model.llm import LanguageModel
 from vtc.model.lmm import LMM
 from vtc.model.projector import build_projector
 from vtc.model.splice import splice
-
-IMG = 49
-
-
-def tiny_lmm(compressor=None, seed=0):
-    torch.manual_seed(seed)
-    enc = VisionEncoder.build(
-        kind="clip",
-        config=dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64,
-                    num_hidden_layers=3, num_attention_heads=4),
-    )
-    llm = LanguageModel.build(
-        config=dict(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
-                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                    max_position_embeddings=128),
-    )
-    return LMM(enc, llm, compressor or NoCompression(), "mlp2x_gelu", image_token_id=IMG,
-               pad_token_id=0, eos_token_id=2).eval()
-
-
-def toy_batch():
-    ids = torch.tensor([[1, 5, IMG, 6, 7, 8, 9], [1, IMG, 5, 6, 0, 0, 0], [1, 5, 6, 7, 0, 0, 0]])
-    mask = (ids != 0).long()
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[0, 5:7] = ids[0, 5:7]
-    labels[1, 3] = 6
-    labels[2, 3] = 7
-    return dict(input_ids=ids, attention_mask=mask, labels=labels,
-                pixel_values=torch.randn(2, 3, 56, 56), image_index=torch.tensor([0, 1, -1]))
-
+from vtc.testing import IMG, tiny_lmm, toy_batch
 
 def test_splice_matches_per_sample_concatenation():
     torch.manual_seed(0)

@@ -81,6 +81,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
     mlflow_logger = next((lg for lg in loggers if hasattr(lg, "run_id")), None)
+    module.run_config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    module.mlflow_run_id = mlflow_logger.run_id if mlflow_logger is not None else None
     if trainer.is_global_zero:
         log_config(mlflow_logger, cfg, output_dir)
 

@@ -53,6 +53,11 @@ class Compressor(nn.Module):
                 raise ConfigError(f"compressor.{k}", f"not a knob of {type(self).__name__}; knobs: {list(self.knobs)}")
             setattr(self, k, v)
 
+    def training_variants(self) -> list[dict]:
+        """Knob settings to average the training loss over (M3 trains all scales at once).
+        Empty: train with the current knobs."""
+        return []
+
     # -- counting ------------------------------------------------------------------------------
     def tokens_out(self, n: int) -> int:
         return n

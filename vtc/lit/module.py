@@ -60,6 +60,10 @@ class LMMModule(L.LightningModule):
         self.type_acc = nn.ModuleDict()
         self.predictions: list[dict] = []
         self._t0 = None
+        # Set by the task: the resolved run config (YAML) and the MLflow run id, stored in every
+        # checkpoint so eval.py can rebuild the model and a resumed run can continue its MLflow run.
+        self.run_config_yaml: str | None = None
+        self.mlflow_run_id: str | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -154,6 +158,11 @@ class LMMModule(L.LightningModule):
 
     def on_test_epoch_end(self):
         self._log_type_acc("test")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain strings only, so the checkpoint loads with torch.load(weights_only=True).
+        checkpoint["vtc"] = {"config": self.run_config_yaml, "mlflow_run_id": self.mlflow_run_id}
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -91,6 +91,23 @@ class LMM(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> LMMOutput:
+        """Teacher-forced loss. A compressor that trains over several settings at once (M3's
+        nested scales) lists them in ``training_variants()``; the loss is their mean."""
+        variants = self.compressor.training_variants() if self.training else []
+        if not variants:
+            return self._forward_once(batch)
+        saved = self.compressor.get_knobs()
+        outs = []
+        try:
+            for knobs in variants:
+                self.compressor.set_knobs(**knobs)
+                outs.append(self._forward_once(batch))
+        finally:
+            self.compressor.set_knobs(**saved)
+        loss = torch.stack([o.loss for o in outs]).mean()
+        return LMMOutput(loss=loss, num_targets=outs[0].num_targets, visual_in=outs[0].visual_in, seen=outs[0].seen)
+
+    def _forward_once(self, batch: dict) -> LMMOutput:
         state = self.build_sequence(
             batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_index"]
         )

@@ -1,0 +1,19 @@
+"""Evaluate a trained checkpoint, optionally with a test-time compressor.
+
+    python eval.py ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt
+    python eval.py -m ckpt_path=... compressor=pool compressor.stride=1,2,4,8
+"""
+import hydra
+
+import vtc.config  # noqa: F401  (registers the config resolvers)
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def main(cfg):
+    from vtc.eval_task import evaluate
+
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

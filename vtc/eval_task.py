@@ -1,0 +1,97 @@
+"""The evaluation task behind ``eval.py``: rebuild a trained model, optionally swap its
+compressor (training-free compression), generate answers, score, log to MLflow."""
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vtc.checks import check_config
+from vtc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError("ckpt_path", f"{path!r} is not a file")
+    # weights_only: a checkpoint from someone else can hold tensors and plain data, never code.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "vtc" not in ckpt:
+        raise ConfigError("ckpt_path", f"{path} has no vtc config; was it written by train.py?")
+    return ckpt
+
+
+def eval_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
+    """The training config from the checkpoint with this evaluation's choices on top."""
+    train_cfg = OmegaConf.create(ckpt["vtc"]["config"])
+    if cfg.get("compressor") is not None:
+        train_cfg.compressor = cfg.compressor
+    if cfg.get("override"):
+        train_cfg = OmegaConf.merge(train_cfg, cfg.override)
+    if cfg.get("max_new_tokens"):
+        train_cfg.generation.max_new_tokens = cfg.max_new_tokens
+    return train_cfg
+
+
+def load_weights(module, state_dict: dict, compressor_changed: bool) -> None:
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    # A test-time compressor may bring or drop its own parameters; nothing else may differ.
+    ok = ("model.compressor.",) if compressor_changed else ()
+    bad_missing = [k for k in missing if not k.startswith(ok)] if ok else list(missing)
+    bad_unexpected = [k for k in unexpected if not k.startswith(ok)] if ok else list(unexpected)
+    if compressor_changed and any(k.startswith("model.compressor.") for k in missing):
+        raise ConfigError(
+            "compressor",
+            "the test-time compressor has parameters the checkpoint lacks "
+            f"({[k for k in missing if k.startswith('model.compressor.')][:3]}...); "
+            "only parameter-free compressors can be applied without training",
+        )
+    if bad_missing or bad_unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}")
+
+
+def evaluate(cfg: DictConfig) -> float | None:
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    run_cfg = eval_config(cfg, ckpt)
+    OmegaConf.set_struct(run_cfg, False)
+    run_cfg.paths = cfg.paths
+    check_config(run_cfg)
+
+    from vtc.data.tokenizer import load_tokenizer
+    from vtc.tracking import ensure_experiment, log_config, parent_tags
+    from vtc.train_task import build_datamodule, build_module, write_predictions
+
+    tokenizer = load_tokenizer(run_cfg.llm.tokenizer_path)
+    module = build_module(run_cfg, tokenizer)
+    load_weights(module, ckpt["state_dict"], compressor_changed=cfg.get("compressor") is not None)
+    datamodule = build_datamodule(run_cfg)
+
+    loggers = []
+    if cfg.get("logger") and cfg.logger.get("mlflow"):
+        kw = OmegaConf.to_container(cfg.logger.mlflow, resolve=True)
+        ensure_experiment(kw["tracking_uri"], kw["experiment_name"])
+        kw["tags"] = {
+            **parent_tags(),
+            "vtc.source_run_id": ckpt["vtc"].get("mlflow_run_id") or "",
+            "vtc.ckpt_path": os.path.abspath(cfg.ckpt_path),
+        }
+        loggers.append(instantiate(kw))
+    trainer = L.Trainer(logger=loggers or False, enable_checkpointing=False, enable_model_summary=False,
+                        **OmegaConf.to_container(cfg.trainer, resolve=True))
+    out_dir = cfg.paths.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    if loggers:
+        log_config(loggers[0], run_cfg, out_dir)
+    trainer.test(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    path = os.path.join(out_dir, "predictions.jsonl")
+    write_predictions(path, module.predictions)
+    if loggers:
+        loggers[0].experiment.log_artifact(loggers[0].run_id, path)
+    log.info("eval metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics.get("test/acc")

@@ -1,0 +1,121 @@
+"""A vision tower for the synthetic world, pre-trained once and cached: CLIP's part in miniature.
+
+LLaVA never trains CLIP: it arrives already able to describe image patches. Trained from scratch
+together with the LLM on the synthetic questions, a tiny encoder does not learn in a demo's time
+(17% after 9 minutes, see design.md), so the platform gives it a short supervised stage first:
+each patch token of the selected layer classifies the digit in the board cell under the patch's
+centre (10 digits + empty). The result is saved with ``save_pretrained`` and then loaded and
+frozen like any real encoder.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tarfile
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vtc.data.image import ImageProcessor
+from vtc.model.encoder import VisionEncoder
+
+log = logging.getLogger(__name__)
+EMPTY = 10
+
+
+def patch_targets(grid_digits: list[list[int]], image_size: int, patch_size: int) -> torch.Tensor:
+    """Digit under each patch centre, raster order; cells tile the square board uniformly."""
+    g = len(grid_digits)
+    n = image_size // patch_size
+    centres = (torch.arange(n) + 0.5) * patch_size
+    cell = (centres * g / image_size).long().clamp(max=g - 1)
+    table = torch.tensor(grid_digits)
+    table = torch.where(table < 0, torch.full_like(table, EMPTY), table)
+    return table[cell[:, None], cell[None, :]].flatten()
+
+
+def read_samples(split_dir: str, limit: int):
+    """(jpeg bytes, record) pairs from a split's shards, in index order, without webdataset."""
+    with open(os.path.join(split_dir, "index.json")) as f:
+        index = json.load(f)
+    out = []
+    for shard in index["shards"]:
+        pending: dict[str, dict] = {}
+        with tarfile.open(os.path.join(split_dir, shard["path"])) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                pending.setdefault(key, {})[ext] = data
+                item = pending[key]
+                if "jpg" in item and "json" in item:
+                    out.append((item["jpg"], json.loads(item["json"])))
+                    del pending[key]
+                    if len(out) >= limit:
+                        return out
+    return out
+
+
+def pretrain_encoder(
+    out_dir: str,
+    encoder_config: dict,
+    data_root: str,
+    kind: str = "clip",
+    select_layer: int = -2,
+    image_mean=(0.48145466, 0.4578275, 0.40821073),
+    image_std=(0.26862954, 0.26130258, 0.27577711),
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    samples: int = 4000,
+    seed: int = 0,
+) -> dict:
+    t0 = time.time()
+    torch.manual_seed(seed)
+    encoder = VisionEncoder.build(kind=kind, config=encoder_config, select_layer=select_layer)
+    info = encoder.info
+    proc = ImageProcessor(info.image_size, image_mean, image_std)
+    raw = read_samples(os.path.join(data_root, "train"), samples)
+    if not raw:
+        raise RuntimeError(f"no training samples under {data_root}/train for the encoder pre-training stage")
+    pixels = torch.stack([proc(Image.open(io.BytesIO(jpg))) for jpg, _ in raw])
+    targets = torch.stack([patch_targets(rec["grid"], info.image_size, info.patch_size) for _, rec in raw])
+    head = torch.nn.Linear(info.hidden_size, EMPTY + 1)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    gen = torch.Generator().manual_seed(seed)
+    encoder.train()
+    loss_val = float("nan")
+    for step in range(steps):
+        idx = torch.randint(len(raw), (batch_size,), generator=gen)
+        logits = head(encoder(pixels[idx]).features)
+        loss = F.cross_entropy(logits.reshape(-1, EMPTY + 1), targets[idx].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_val = float(loss)
+        if step % 100 == 0 or step == steps - 1:
+            log.info("encoder pre-training step %d/%d loss %.4f", step, steps, loss_val)
+    encoder.eval()
+    with torch.no_grad():
+        held = slice(max(0, len(raw) - 512), len(raw))
+        pred = head(encoder(pixels[held]).features).argmax(-1)
+        patch_acc = float((pred == targets[held]).float().mean())
+    stats = {"loss": loss_val, "patch_acc_train_tail": patch_acc, "seconds": round(time.time() - t0, 1),
+             "steps": steps, "samples": len(raw)}
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    os.replace(tmp, out_dir)  # atomic: a killed run never leaves a complete-looking encoder
+    log.info("encoder pre-trained in %.0fs: %s", stats["seconds"], stats)
+    return stats
