@@ -41,7 +41,20 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    sched = cfg.get("schedule")
+    if sched and sched.get("stages"):
+        from vtc.lit.curriculum import CompressionCurriculum
+
+        callbacks.append(
+            CompressionCurriculum(
+                OmegaConf.to_container(sched.stages, resolve=True),
+                reference_layers=sched.get("reference_layers", 32),
+                scale_keys=tuple(sched.get("scale_keys", ("layer",))),
+                name=sched.get("name", ""),
+            )
+        )
+    return callbacks
 
 
 def build_module(cfg: DictConfig, tokenizer):

@@ -37,6 +37,10 @@ class Compressor(nn.Module):
     #: (SigLIP) must be told at start-up.
     needs_cls: ClassVar[bool] = False
 
+    #: False turns the method off without removing it (a curriculum's uncompressed stage).
+    #: Methods whose parameters replace the projector (STF) cannot be turned off.
+    enabled: bool = True
+
     def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
         """Raise ``ConfigError`` naming the key when this configuration cannot work."""
 
@@ -46,6 +50,11 @@ class Compressor(nn.Module):
     # -- knobs ---------------------------------------------------------------------------------
     def get_knobs(self) -> dict:
         return {k: getattr(self, k) for k in self.knobs}
+
+    def set_enabled(self, enabled: bool) -> None:
+        if not enabled and self.owns_projection:
+            raise ConfigError("schedule", f"{type(self).__name__} is the projector and cannot be switched off by a stage")
+        self.enabled = enabled
 
     def set_knobs(self, **values) -> None:
         for k, v in values.items():
@@ -63,7 +72,7 @@ class Compressor(nn.Module):
         return n
 
     def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
-        return [self.tokens_out(n)] * num_layers
+        return [self.tokens_out(n) if self.enabled else n] * num_layers
 
     def output_dim(self, in_dim: int) -> int:
         return in_dim
@@ -98,7 +107,7 @@ class LLMCompressor(Compressor):
             raise ConfigError("compressor.layer", f"{self.layer} is outside the LLM's layers 0..{llm_layers - 1}")
 
     def applies_at(self, layer_idx: int) -> bool:
-        return self.layer is not None and layer_idx == self.layer
+        return self.enabled and self.layer is not None and layer_idx == self.layer
 
     def compress(self, state, layer_idx: int, layer: nn.Module):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -60,6 +60,10 @@ class LMMModule(L.LightningModule):
         self.type_acc = nn.ModuleDict()
         self.predictions: list[dict] = []
         self._t0 = None
+        # Cumulative training cost, kept in checkpoints so a resumed run continues the totals.
+        self.flops_cum = 0.0
+        self.train_time_cum = 0.0
+        self._shape = None
         # Set by the task: the resolved run config (YAML) and the MLflow run id, stored in every
         # checkpoint so eval.py can rebuild the model and a resumed run can continue its MLflow run.
         self.run_config_yaml: str | None = None
@@ -80,19 +84,36 @@ class LMMModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         self._t0 = time.perf_counter()
 
+    @property
+    def shape(self):
+        if self._shape is None:
+            from vtc.accounting import model_shape
+
+            self._shape = model_shape(self.model)
+        return self._shape
+
     def training_step(self, batch, batch_idx):
+        from vtc.accounting import batch_flops
+
         out = self(batch)
         bs = batch["input_ids"].shape[0]
         vis, equiv = visual_stats(out.visual_in, out.seen)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/visual_tokens", vis, batch_size=bs)
         self.log("train/equiv_visual_tokens", equiv, batch_size=bs)
+        step_flops = batch_flops(self.shape, out.lengths, out.visual_in, out.seen, out.targets_per_sample,
+                                 trainable=self.train_parts)
+        self.flops_cum += step_flops * self.trainer.world_size
+        self.log("train/tflops_step", step_flops / 1e12, batch_size=bs)
+        self.log("train/tflops_cum", self.flops_cum / 1e12, batch_size=bs)
         return out.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is not None:
             dt = time.perf_counter() - self._t0
+            self.train_time_cum += dt
             self.log("train/samples_per_sec", batch["input_ids"].shape[0] / max(dt, 1e-9))
+            self.log("train/time_cum_s", self.train_time_cum)
         sched = self.lr_schedulers()
         if sched is not None:
             self.log("lr", sched.get_last_lr()[0])
@@ -162,7 +183,17 @@ class LMMModule(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain strings only, so the checkpoint loads with torch.load(weights_only=True).
-        checkpoint["vtc"] = {"config": self.run_config_yaml, "mlflow_run_id": self.mlflow_run_id}
+        checkpoint["vtc"] = {
+            "config": self.run_config_yaml,
+            "mlflow_run_id": self.mlflow_run_id,
+            "flops_cum": self.flops_cum,
+            "train_time_cum": self.train_time_cum,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("vtc") or {}
+        self.flops_cum = float(state.get("flops_cum", 0.0))
+        self.train_time_cum = float(state.get("train_time_cum", 0.0))
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):

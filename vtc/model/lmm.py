@@ -28,6 +28,8 @@ class LMMOutput:
     num_targets: int
     visual_in: torch.Tensor  # [B] visual tokens entering the LLM per sample
     seen: torch.Tensor  # [num_layers, B] visual tokens each layer saw per sample
+    lengths: torch.Tensor | None = None  # [B] LLM input length per sample
+    targets_per_sample: torch.Tensor | None = None  # [B] positions with a loss
 
 
 class LMM(nn.Module):
@@ -61,14 +63,14 @@ class LMM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, V, d_llm] visual tokens, compressed before the LLM if the site says."""
         comp = self.compressor
-        vision_comp = comp if comp.site == "vision" else None
+        vision_comp = comp if comp.site == "vision" and comp.enabled else None
         extra = getattr(comp, "extra_layers", ()) if comp.site == "pre_llm" else ()
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(need_grad):
             enc = self.encoder(pixel_values, keep_states=tuple(extra), vision_compressor=vision_comp)
         enc.encoder = self.encoder
         feats = enc.features
-        if comp.site == "pre_llm":
+        if comp.site == "pre_llm" and comp.enabled:
             feats = comp(feats, enc)
         return self.projector(feats.to(self.projector_dtype))
 
@@ -105,19 +107,23 @@ class LMM(nn.Module):
         finally:
             self.compressor.set_knobs(**saved)
         loss = torch.stack([o.loss for o in outs]).mean()
-        return LMMOutput(loss=loss, num_targets=outs[0].num_targets, visual_in=outs[0].visual_in, seen=outs[0].seen)
+        first = outs[0]
+        return LMMOutput(loss=loss, num_targets=first.num_targets, visual_in=first.visual_in, seen=first.seen,
+                         lengths=first.lengths, targets_per_sample=first.targets_per_sample)
 
     def _forward_once(self, batch: dict) -> LMMOutput:
         state = self.build_sequence(
             batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_index"]
         )
         visual_in = state.visual_counts()
+        lengths = state.lengths
         out, seen, _ = self.llm.run_layers(state, self.compressor)
         valid = out.targets != IGNORE_INDEX
         logits = self.llm.logits(out.hidden[valid])
         n = int(valid.sum())
         loss = F.cross_entropy(logits.float(), out.targets[valid], reduction="sum") / max(n, 1)
-        return LMMOutput(loss=loss, num_targets=n, visual_in=visual_in, seen=torch.stack(seen))
+        return LMMOutput(loss=loss, num_targets=n, visual_in=visual_in, seen=torch.stack(seen),
+                         lengths=lengths, targets_per_sample=valid.sum(1))
 
     # -- inference -------------------------------------------------------------------------------
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:
