@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -35,7 +36,7 @@ def parse_stages(stages, num_layers: int, reference_layers: int = 32, scale_keys
     out: list[Stage] = []
     prev = 0.0
     for i, st in enumerate(stages):
-        end = float(st["end"])
+        end = float(Fraction(str(st["end"])))  # "1/3" is exact; 0.3333 would shift a boundary step
         if not prev < end <= 1.0:
             raise ConfigError(f"schedule.stages[{i}].end", f"must increase within (0, 1], got {end} after {prev}")
         knobs = st.get("knobs")
@@ -53,9 +54,8 @@ def parse_stages(stages, num_layers: int, reference_layers: int = 32, scale_keys
 
 
 def stage_at(stages: list[Stage], step: int, total: int) -> int:
-    frac = step / max(total, 1)
     for i, st in enumerate(stages):
-        if frac < st.end:
+        if step < st.end * max(total, 1) - 1e-9:
             return i
     return len(stages) - 1
 
