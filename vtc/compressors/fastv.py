@@ -1,0 +1,185 @@
+"""FastV: drop the image tokens that the last instruction token attends to least.
+
+Paper: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
+Acceleration for Large Vision-Language Models" (FastV), arXiv 2403.06764, Sec. 4 (Eq. for the
+pruned count and the ranking) and the released code (``fast_v_attention_rank`` in their
+``modeling_llama.py``).
+
+After layer K the image tokens are ranked by the attention they receive from the last token of
+the prompt, averaged over heads,
+
+    s_j = 1/H · Σ_h softmax_j( q_h(x_query) · k_h(x_j) / sqrt(d_h) ),   j an image token,
+
+and the top ``n − floor(R·n)`` image tokens (n visual tokens of the sample, R the drop ratio) are
+kept; every text token is kept. Paper defaults: K = 2, R = 50% (576 -> 288 tokens); the count is
+``ceil((1 − R)·n)``, the same as ``vtc.flops.fastv_visual_tokens_per_layer``.
+
+Where the score comes from. FastV takes the attention map that layer K−1 already computed (it
+runs that layer with ``output_attentions=True``), then prunes the input of layer K. We cannot ask
+for layer K−1's map without an eager, N x N attention; instead we recompute just the one row
+needed at the input of layer K with layer K's own weights: RMSNorm (``input_layernorm``), q_proj
+of the query token and k_proj of every token, RoPE at each token's position, softmax over the
+query's causal, unpadded keys. Both read the same hidden states (layer K−1's output); ours scores
+them with the layer that will consume them, and the cost is one query row (O(T·d)) instead of a
+full map, so SDPA / flash-attention stay on everywhere. GQA: key heads are repeated to the query
+heads before the head average, as the model's attention does.
+
+The query is ``SeqState.query_index``: the last instruction token (the token that predicts the
+first answer token in training, the last prompt token in generation), so no answer token ever
+influences which image tokens are kept.
+
+Position ids: kept tokens keep their original positions (FastV's ``position_ids = keep_indexs``);
+with a KV cache, decoding continues from the last prompt token's position.
+
+Knobs: ``layer`` (K) and ``ratio`` (R).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vtc.compressors.base import LLMCompressor
+from vtc.errors import ConfigError
+from vtc.model.sequence import SeqState
+
+
+def kept_count(n: int, ratio: float) -> int:
+    """Visual tokens kept of ``n`` when a fraction ``ratio`` is dropped: ``n − floor(ratio·n)``.
+    (A tiny tolerance keeps float products such as 0.3·10 from flooring one too low.)"""
+    return n - min(n, int(math.floor(ratio * n + 1e-9)))
+
+
+# -- recomputing what a decoder layer's attention would see ---------------------------------------
+
+def _family_module(layer: nn.Module):
+    return sys.modules[type(layer).__module__]
+
+
+def _rope_fns(layer: nn.Module):
+    """(apply_rotary_pos_emb, repeat_kv) of the layer's model family (Llama's as a fallback)."""
+    from transformers.models.llama import modeling_llama as llama
+
+    mod = _family_module(layer)
+    return getattr(mod, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb), getattr(mod, "repeat_kv", llama.repeat_kv)
+
+
+_ROPE_CACHE: dict[int, nn.Module] = {}
+
+
+def rotary_embedding(layer: nn.Module) -> nn.Module:
+    """The family's rotary embedding module built from the layer's config.
+
+    The model's own ``rotary_emb`` lives on the decoder, which a compressor is not handed; the
+    same class built from the same config gives the same cos/sin (its buffers are not
+    persistent, so nothing is added to checkpoints). Cached per config object."""
+    cfg = layer.self_attn.config
+    key = id(cfg)
+    rope = _ROPE_CACHE.get(key)
+    if rope is None or rope.config is not cfg:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        prefix = type(layer).__name__.replace("DecoderLayer", "")
+        cls = getattr(_family_module(layer), f"{prefix}RotaryEmbedding", LlamaRotaryEmbedding)
+        rope = cls(config=cfg)
+        _ROPE_CACHE[key] = rope
+    return rope
+
+
+def _unshard(layer: nn.Module) -> None:
+    # FSDP2 shards parameters between forwards; reading submodules outside the layer's forward
+    # needs them gathered (the layer's own forward reshards them afterwards).
+    unshard = getattr(layer, "unshard", None)
+    if callable(unshard):
+        unshard()
+
+
+def layer_qk(state: SeqState, layer: nn.Module, query: bool = True):
+    """Queries of ``state.query_index`` and keys of every token, as layer ``layer`` computes them.
+
+    Returns (x [B, T, d] the normalised layer input, q [B, H, 1, hd] or None, k [B, H_kv, T, hd]);
+    RoPE applied at each token's position, per-head q/k norms (Qwen3-style) applied when the
+    attention has them."""
+    _unshard(layer)
+    attn = layer.self_attn
+    hd = attn.head_dim
+    x = layer.input_layernorm(state.hidden)
+    B, T, _ = x.shape
+    k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    rope = rotary_embedding(layer)
+    cos, sin = rope.to(x.device)(x, state.position_ids)
+    apply_rope, _ = _rope_fns(layer)
+    rows = torch.arange(B, device=x.device)
+    qi = state.query_index
+    q = None
+    if query:
+        q = attn.q_proj(x[rows, qi][:, None]).view(B, 1, -1, hd).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q, _ = apply_rope(q, q, cos[rows, qi][:, None], sin[rows, qi][:, None])
+    k, _ = apply_rope(k, k, cos, sin)
+    return x, q, k
+
+
+def query_attention(state: SeqState, layer: nn.Module) -> torch.Tensor:
+    """Softmax attention of each sample's query token over all tokens, head-averaged: [B, T].
+
+    Only the query row is computed; keys after the query (causal) and padding get zero."""
+    _, q, k = layer_qk(state, layer)
+    attn = layer.self_attn
+    _, repeat_kv = _rope_fns(layer)
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    scale = getattr(attn, "scaling", attn.head_dim ** -0.5)
+    scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * scale  # [B, H, T]
+    T = k.shape[2]
+    allowed = (torch.arange(T, device=k.device)[None] <= state.query_index[:, None]) & state.attention_mask.bool()
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+class FastV(LLMCompressor):
+    knobs: ClassVar[tuple[str, ...]] = ("layer", "ratio")
+
+    def __init__(self, layer: int | None = 2, ratio: float = 0.5):
+        super().__init__(layer)
+        self.ratio = ratio
+
+    def check(self, encoder, llm_layers: int) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
+            raise ConfigError("compressor.ratio", f"the fraction of image tokens dropped must be in [0, 1), got {self.ratio!r}")
+        if self.layer is None:
+            return
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < llm_layers:
+            raise ConfigError("compressor.layer", f"{self.layer!r} is outside the LLM's layers 0..{llm_layers - 1}")
+
+    def applies_at(self, layer_idx: int) -> bool:
+        return self.enabled and self.layer is not None and self.ratio > 0 and layer_idx == self.layer
+
+    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
+        if not (self.enabled and self.layer is not None):
+            return [n] * num_layers
+        k = min(self.layer, num_layers)
+        return [n] * k + [kept_count(n, self.ratio)] * (num_layers - k)
+
+    def scores(self, state: SeqState, layer: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return query_attention(state, layer)
+
+    def compress(self, state: SeqState, layer_idx: int, layer: nn.Module) -> SeqState:
+        att = self.scores(state, layer)
+        real = state.attention_mask.bool()
+        vis = state.visual_mask & real
+        keep = real & ~vis
+        for b in range(att.shape[0]):
+            idx = vis[b].nonzero().squeeze(1)
+            n_keep = kept_count(len(idx), self.ratio)
+            if n_keep == 0:
+                continue
+            top = att[b, idx].topk(n_keep).indices
+            keep[b, idx[top]] = True
+        return state.select(keep)
