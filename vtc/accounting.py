@@ -28,7 +28,9 @@ def linear_chain_dims(module: nn.Module) -> list[int]:
 def model_shape(model) -> ModelShape:
     """The ModelShape of an LMM: encoder cut at its selected layer, projector as built (a
     compressor that owns the projection, STF, contributes its MLP instead)."""
-    proj = model.compressor if model.compressor.owns_projection else model.projector
+    # STF's fusion MLP is its projector (``mlp``); anything else a compressor runs is its own cost.
+    proj = getattr(model.compressor, "mlp", None) if model.compressor.owns_projection else model.projector
+    proj = proj if proj is not None else model.projector
     dims = linear_chain_dims(proj) or [model.encoder.info.hidden_size, model.llm.hidden_size]
     shape = ModelShape.from_hf_configs(model.encoder.model.config, model.llm.config, projector_dims=dims)
     info = model.encoder.info
@@ -46,11 +48,14 @@ def batch_flops(
     targets_per_sample: torch.Tensor | None,
     projector_tokens: torch.Tensor | None = None,
     trainable: tuple[str, ...] | None = None,
+    extra_per_image: float = 0.0,
 ) -> float:
     """Sum over samples of forward (``trainable=None``) or training-step FLOPs.
 
     lengths [B]: LLM input length per sample; visual_in [B]: visual tokens entering the LLM;
-    seen [layers, B]: visual tokens per LLM layer; targets_per_sample [B]: logit positions.
+    seen [layers, B]: visual tokens per LLM layer; targets_per_sample [B]: logit positions;
+    extra_per_image: forward FLOPs a compressor adds per image (``Compressor.own_flops``),
+    counted at 3x in training when the compressor trains, 1x otherwise.
     """
     frozen: tuple[str, ...] = ()
     if trainable is not None:
@@ -69,4 +74,7 @@ def batch_flops(
             lm_head_tokens=int(targets_per_sample[b]) if targets_per_sample is not None else 1,
         )
         total += train_step_flops(fwd, frozen) if trainable is not None else fwd["total"]
+        if has_image and extra_per_image:
+            factor = 3 if trainable is not None and "compressor" in trainable else 1
+            total += factor * extra_per_image
     return total

@@ -77,6 +77,12 @@ class Compressor(nn.Module):
     def output_dim(self, in_dim: int) -> int:
         return in_dim
 
+    def own_flops(self, n: int) -> float:
+        """Forward FLOPs the method itself adds per image for ``n`` patch tokens, beyond the
+        encoder, projector and LLM (e.g. MBTF's per-token fusion MLP). Scoring passes of in-LLM
+        methods are not counted (a few percent of one layer)."""
+        return 0.0
+
     def describe(self) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in self.get_knobs().items())
         return f"{type(self).__name__}({knobs})"

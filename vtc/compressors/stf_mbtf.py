@@ -90,3 +90,12 @@ class STFMultiBlock(SpatialTokenFusion):
         f = self.gather(features, enc)
         x = self.fusion(f.to(self.fusion[0].weight.dtype))
         return super().forward(x, enc)
+
+    def own_flops(self, n: int) -> float:
+        """The per-token fusion MLP (8C -> 4C -> C) runs on all n patch tokens before STF."""
+        if self.fusion is None:
+            return 0.0
+        from vtc.flops import FLOPS_PER_MAC, projector_macs
+
+        dims = [self.fusion[0].in_features, self.fusion[0].out_features, self.fusion[2].out_features]
+        return float(FLOPS_PER_MAC * projector_macs(n, dims))

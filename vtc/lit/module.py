@@ -101,8 +101,10 @@ class LMMModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/visual_tokens", vis, batch_size=bs)
         self.log("train/equiv_visual_tokens", equiv, batch_size=bs)
+        info = self.model.encoder.info
         step_flops = batch_flops(self.shape, out.lengths, out.visual_in, out.seen, out.targets_per_sample,
-                                 trainable=self.train_parts)
+                                 trainable=self.train_parts,
+                                 extra_per_image=self.model.compressor.own_flops(info.num_patches))
         self.flops_cum += step_flops * self.trainer.world_size
         self.log("train/tflops_step", step_flops / 1e12, batch_size=bs)
         self.log("train/tflops_cum", self.flops_cum / 1e12, batch_size=bs)

@@ -88,7 +88,14 @@ def pretrain_encoder(
     head = torch.nn.Linear(info.hidden_size, EMPTY + 1)
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    warmup = max(1, steps // 20)
+
+    def schedule(s: int) -> float:  # linear warmup, cosine decay: a ViT from scratch needs both
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(steps - warmup, 1), 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
     encoder.train()
     loss_val = float("nan")
@@ -101,15 +108,16 @@ def pretrain_encoder(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss_val = float(loss)
+        loss_val = loss.item()
         if step % 100 == 0 or step == steps - 1:
             log.info("encoder pre-training step %d/%d loss %.4f", step, steps, loss_val)
     encoder.eval()
-    with torch.no_grad():
-        held = slice(max(0, len(raw) - 512), len(raw))
-        pred = head(encoder(pixels[held]).features).argmax(-1)
-        patch_acc = float((pred == targets[held]).float().mean())
-    stats = {"loss": loss_val, "patch_acc_train_tail": patch_acc, "seconds": round(time.time() - t0, 1),
+    with torch.no_grad():  # patch accuracy on held-out digits (the val split's source pool)
+        val = read_samples(os.path.join(data_root, "val"), 256)
+        vpx = torch.stack([proc(Image.open(io.BytesIO(jpg))) for jpg, _ in val])
+        vtg = torch.stack([patch_targets(rec["grid"], info.image_size, info.patch_size) for _, rec in val])
+        patch_acc = float((head(encoder(vpx).features).argmax(-1) == vtg).float().mean())
+    stats = {"loss": loss_val, "val_patch_acc": patch_acc, "seconds": round(time.time() - t0, 1),
              "steps": steps, "samples": len(raw)}
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

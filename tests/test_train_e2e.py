@@ -1,0 +1,74 @@
+"""The platform end to end through its CLIs: train.py -> MLflow -> eval.py, sweeps, bad input."""
+import glob
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    proc = workspace.run("train.py", "seed=3")
+    runs = [r for r in workspace.runs() if r.data.params.get("seed") == "3"]
+    assert len(runs) == 1, proc.stdout[-2000:]
+    ckpts = glob.glob(str(workspace.root / "outputs" / "runs" / "*" / "checkpoints" / "last.ckpt"))
+    return runs[0], ckpts
+
+
+def test_run_lands_in_mlflow_with_params_metrics_artifacts(workspace, trained):
+    run, _ = trained
+    params = run.data.params
+    assert params["compressor._target_"] == "vtc.compressors.NoCompression"
+    assert params["llm.config.hidden_size"] == "32"
+    for key in ("train/loss", "val/loss", "val/acc", "train/visual_tokens", "train/samples_per_sec",
+                "train/tflops_cum", "test/acc"):
+        assert key in run.data.metrics, key
+    # The tiny encoder reads 112 px with 14 px patches: 8x8 = 64 visual tokens.
+    assert run.data.metrics["train/visual_tokens"] == 64
+    arts = {a.path for a in workspace.client().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "predictions.jsonl"} <= arts
+    history = workspace.client().get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == 4 and all(h.value > 0 for h in history)
+
+
+def test_checkpoint_loads_weights_only_and_eval_applies_a_compressor(workspace, trained):
+    run, ckpts = trained
+    assert ckpts
+    ckpt = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+    assert ckpt["vtc"]["mlflow_run_id"] == run.info.run_id
+    workspace.run("eval.py", f"ckpt_path={ckpts[0]}", "compressor=pool", "compressor.stride=2", tiny=False)
+    evals = workspace.runs("eval")
+    assert evals, "eval run missing"
+    ev = evals[0]
+    assert ev.data.tags["vtc.source_run_id"] == run.info.run_id
+    assert ev.data.metrics["test/visual_tokens"] == 16  # 8x8 pooled 2x2
+    assert 0.0 <= ev.data.metrics["test/acc"] <= 1.0
+
+
+def test_multirun_makes_children_of_one_parent(workspace):
+    before = {r.info.run_id for r in workspace.runs()}
+    workspace.run("train.py", "-m", "compressor=none,pool", "trainer.max_steps=2", "test=false")
+    new = [r for r in workspace.runs() if r.info.run_id not in before]
+    parents = [r for r in new if r.data.tags.get("vtc.kind") == "sweep"]
+    children = [r for r in new if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.tags["mlflow.runName"] for c in children} == {"compressor=none", "compressor=pool"}
+    assert {c.data.metrics["train/visual_tokens"] for c in children} == {64, 16}
+
+
+def test_bad_stride_fails_before_anything_is_built(workspace, tmp_path):
+    proc = workspace.run("train.py", "compressor=pool", "compressor.stride=5", data_dir=tmp_path / "fresh",
+                         check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "compressor.stride" in out and "does not divide the 8x8 patch grid" in out
+    assert not os.path.exists(tmp_path / "fresh"), "data was generated before the config was checked"
+
+
+def test_unknown_group_option_lists_valid_ones(workspace):
+    proc = workspace.run("train.py", "compressor=nonexistent", check=False)
+    assert proc.returncode != 0
+    assert "pool" in proc.stderr and "none" in proc.stderr
