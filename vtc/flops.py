@@ -588,3 +588,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(cols), sep] + [line(r) for r in cells])
+
+
+if __name__ == "__main__":  # python -m vtc.flops [hydra overrides] [compressors=a,b] [text_tokens=N]
+    from vtc.flops_cli import main
+
+    main()
