@@ -25,7 +25,31 @@ def build_datamodule(cfg: DictConfig):
     return instantiate(node_kwargs(cfg.data, drop=("generate",)))
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def resolve_ckpt(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: null, an explicit file, or ``last`` (this run directory's last.ckpt)."""
+    from vtc.errors import ConfigError
+
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if ckpt == "last":
+        ckpt = os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+        if not os.path.isfile(ckpt):
+            raise ConfigError("ckpt_path", f"last: no {ckpt}; pin the run directory with hydra.run.dir=<the run's dir>")
+    elif not os.path.isfile(ckpt):
+        raise ConfigError("ckpt_path", f"{ckpt!r} is not a file")
+    return ckpt
+
+
+def stored_run_id(ckpt: str | None) -> str | None:
+    """The MLflow run a checkpoint belongs to, so a resumed run continues it."""
+    if ckpt is None:
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # no full read
+    return (state.get("vtc") or {}).get("mlflow_run_id")
+
+
+def build_loggers(cfg: DictConfig, run_id: str | None = None) -> list:
     from vtc.tracking import ensure_experiment, parent_tags
 
     loggers = []
@@ -35,7 +59,10 @@ def build_loggers(cfg: DictConfig) -> list:
         kwargs = node_kwargs(node)
         if name == "mlflow":
             ensure_experiment(kwargs["tracking_uri"], kwargs["experiment_name"])
-            kwargs["tags"] = {**(kwargs.get("tags") or {}), **parent_tags()}
+            if run_id:
+                kwargs["run_id"] = run_id  # metrics continue on the same curves
+            else:
+                kwargs["tags"] = {**(kwargs.get("tags") or {}), **parent_tags()}
         loggers.append(instantiate(kwargs))
     return loggers
 
@@ -79,6 +106,7 @@ def write_predictions(path: str, rows: list[dict]) -> None:
 
 def train(cfg: DictConfig) -> float | None:
     check_config(cfg)  # fails fast, naming the key, before anything heavy happens
+    ckpt_path = resolve_ckpt(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     prepare(cfg)
@@ -89,8 +117,11 @@ def train(cfg: DictConfig) -> float | None:
     tokenizer = load_tokenizer(cfg.llm.tokenizer_path)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, tokenizer)
-    loggers = build_loggers(cfg)
-    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+    loggers = build_loggers(cfg, run_id=stored_run_id(ckpt_path))
+    from vtc.lit.checkpoint_io import AtomicCheckpointIO
+
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False,
+                          plugins=[AtomicCheckpointIO()])
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
     mlflow_logger = next((lg for lg in loggers if hasattr(lg, "run_id")), None)
@@ -99,7 +130,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         log_config(mlflow_logger, cfg, output_dir)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
