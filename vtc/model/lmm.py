@@ -60,8 +60,12 @@ class LMM(nn.Module):
         self.eos_token_id = eos_token_id
 
     # -- parts -----------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> [N, V, d_llm] visual tokens, compressed before the LLM if the site says."""
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """[N, 3, H, W] -> [N, V, d_llm] visual tokens, compressed before the LLM if the site says.
+
+        A compressor whose token count differs per image (PruMerge+) returns a list of [V_i, C];
+        each element is projected (the projector is per token: one call on the concatenation,
+        split back) and the list of [V_i, d_llm] goes to the splice, which reads ``visual[i]``."""
         comp = self.compressor
         vision_comp = comp if comp.site == "vision" and comp.enabled else None
         extra = getattr(comp, "extra_layers", ()) if comp.site == "pre_llm" else ()
@@ -72,6 +76,9 @@ class LMM(nn.Module):
         feats = enc.features
         if comp.site == "pre_llm" and comp.enabled:
             feats = comp(feats, enc)
+        if isinstance(feats, (list, tuple)):
+            flat = self.projector(torch.cat(list(feats)).to(self.projector_dtype))
+            return list(flat.split([len(f) for f in feats]))
         return self.projector(feats.to(self.projector_dtype))
 
     @property
