@@ -44,7 +44,9 @@ class Workspace:
 
     def run(self, script: str, *overrides: str, tiny: bool = True, check: bool = True, timeout: int = 600,
             data_dir=None):
-        args = [sys.executable, str(ROOT / script), *self.paths(data_dir), *(TINY if tiny else []), *overrides]
+        flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m) go before overrides
+        rest = [o for o in overrides if not o.startswith("-")]
+        args = [sys.executable, str(ROOT / script), *flags, *self.paths(data_dir), *(TINY if tiny else []), *rest]
         proc = subprocess.run(args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

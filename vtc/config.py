@@ -10,15 +10,29 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
 
+SWEEP_MARKS = (",", "range(", "choice(", "interval(", "glob(")
+
+
 def _run_name() -> str:
-    """The Hydra overrides of this job (``compressor=pool,seed=1``), or ``default``."""
+    """A run's name from its Hydra overrides: in a sweep only the swept keys
+    (``compressor=pool``), otherwise every override but paths (``compressor=pool,seed=1``)."""
+    import sys
+
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        name = HydraConfig.get().job.override_dirname
+        hc = HydraConfig.get()
+        job = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(("paths.", "hydra."))]
+        if hc.mode == RunMode.MULTIRUN:
+            swept = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:]
+                     if "=" in a and any(m in a.split("=", 1)[1] for m in SWEEP_MARKS)}
+            if swept:
+                job = [o for o in job if o.split("=", 1)[0].lstrip("+~") in swept]
+        name = ",".join(job)
     except Exception:
         name = ""
-    return name or "default"
+    return name[:250] or "default"
 
 
 def register_resolvers() -> None:
