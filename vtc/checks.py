@@ -49,6 +49,31 @@ def llm_depth_from_cfg(cfg: DictConfig) -> int:
     return load_text_config(path, config).num_hidden_layers
 
 
+def _local(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url or url.startswith("pipe:") else url
+
+
+def check_data_paths(cfg: DictConfig) -> None:
+    """Local shard patterns and data roots must exist (URLs are left to the loader)."""
+    from braceexpand import braceexpand
+
+    data = cfg.get("data") or {}
+    if data.get("root") and not data.get("generate") and not os.path.isdir(data.root):
+        raise ConfigError("data.root", f"directory {data.root!r} does not exist")
+    for key in ("train_shards", "val_shards", "test_shards"):
+        pattern = OmegaConf.select(cfg, f"data.{key}", throw_on_missing=False)
+        if pattern in (None, "???"):
+            continue
+        patterns = list(pattern) if not isinstance(pattern, str) else [pattern]
+        for pat in patterns:
+            for url in braceexpand(pat):
+                path = _local(url)
+                if path is not None and not os.path.exists(path):
+                    raise ConfigError(f"data.{key}", f"shard {path!r} does not exist (from {pat!r})")
+
+
 def check_config(cfg: DictConfig) -> tuple[EncoderInfo, int]:
     info = encoder_info_from_cfg(cfg)
     depth = llm_depth_from_cfg(cfg)
@@ -59,6 +84,7 @@ def check_config(cfg: DictConfig) -> tuple[EncoderInfo, int]:
             f"{data_size} px images cannot go into an encoder built for {info.image_size} px; "
             f"set data.image_size={info.image_size}",
         )
+    check_data_paths(cfg)
     compressor = instantiate(cfg.compressor)
     compressor.check(info, depth)
     if compressor.needs_cls and not info.has_cls:
