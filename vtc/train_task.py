@@ -94,6 +94,7 @@ def build_module(cfg: DictConfig, tokenizer):
         tokenizer=tokenizer,
         train_parts=tuple(cfg.train_parts),
         max_new_tokens=cfg.generation.max_new_tokens,
+        on_nonfinite_loss=cfg.get("on_nonfinite_loss", "stop"),
         **OmegaConf.to_container(cfg.optim, resolve=True),
     )
 

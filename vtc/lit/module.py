@@ -41,6 +41,7 @@ class LMMModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 4,
+        on_nonfinite_loss: str = "stop",
     ):
         super().__init__()
         self.model = model
@@ -52,6 +53,10 @@ class LMMModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
         self.max_new_tokens = max_new_tokens
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss: {on_nonfinite_loss!r}; use stop or skip")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.nonfinite_skipped = 0
         for part in PARTS:
             for p in getattr(model, part).parameters():
                 p.requires_grad_(part in self.train_parts)
@@ -97,6 +102,8 @@ class LMMModule(L.LightningModule):
 
         out = self(batch)
         bs = batch["input_ids"].shape[0]
+        if not bool(torch.isfinite(out.loss)):
+            return self._nonfinite(out.loss, batch)
         vis, equiv = visual_stats(out.visual_in, out.seen)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/visual_tokens", vis, batch_size=bs)
@@ -109,6 +116,21 @@ class LMMModule(L.LightningModule):
         self.log("train/tflops_step", step_flops / 1e12, batch_size=bs)
         self.log("train/tflops_cum", self.flops_cum / 1e12, batch_size=bs)
         return out.loss
+
+    def _nonfinite(self, loss, batch):
+        """A NaN/inf loss never reaches the optimizer: stop with a message naming the step (the
+        last checkpoint on disk predates it and is kept), or skip the batch (counted, logged)."""
+        step = self.global_step
+        ids = batch.get("ids", [])[:4]
+        if self.on_nonfinite_loss == "skip":
+            self.nonfinite_skipped += 1
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+            return None  # Lightning skips backward and the optimizer step for this batch
+        raise FloatingPointError(
+            f"non-finite training loss ({float(loss)}) at global step {step} (batch sample ids {ids}); "
+            "the weights were not updated and the last checkpoint on disk is kept. Set "
+            "on_nonfinite_loss=skip to skip such batches, or lower optim.lr / trainer.gradient_clip_val."
+        )
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is not None:
