@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs
+.PHONY: setup train test test-fast eval mlflow bench clean-runs report
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 ## Evaluate a checkpoint: make eval ARGS="ckpt_path=outputs/runs/.../checkpoints/last.ckpt"
 eval: setup
 	$(PY) eval.py $(ARGS)
+
+## Report from MLflow: make report ARGS="--experiment train [--parent RUN_ID] [--out DIR]"
+report: setup
+	$(PY) -m vtc.report $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only.
 mlflow: setup
