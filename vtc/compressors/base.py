@@ -18,6 +18,7 @@ last batch through the LMM's measured ``seen`` statistics instead.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -104,19 +105,67 @@ class LLMCompressor(Compressor):
     site: ClassVar[str] = "llm"
     knobs: ClassVar[tuple[str, ...]] = ("layer",)
 
-    def __init__(self, layer: int = 2):
+    def __init__(self, layer: int | None = 2):
         super().__init__()
         self.layer = layer
 
     def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
-        if not 0 <= self.layer < llm_layers:
-            raise ConfigError("compressor.layer", f"{self.layer} is outside the LLM's layers 0..{llm_layers - 1}")
+        """``layer`` is an LLM layer index, or null (no compression: a schedule's off stage)."""
+        if self.layer is None:
+            return
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < llm_layers:
+            raise ConfigError(
+                "compressor.layer",
+                f"{self.layer!r} is outside the LLM's layers 0..{llm_layers - 1} (or null: no compression)",
+            )
+
+    def compressing(self) -> bool:
+        return self.enabled and self.layer is not None
 
     def applies_at(self, layer_idx: int) -> bool:
-        return self.enabled and self.layer is not None and layer_idx == self.layer
+        return self.compressing() and layer_idx == self.layer
+
+    def kept(self, n: int) -> int:
+        """Visual tokens left after the layer for ``n`` before it."""
+        return n
+
+    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
+        if not self.compressing():
+            return [n] * num_layers
+        k = min(self.layer, num_layers)
+        return [n] * k + [self.kept(n)] * (num_layers - k)
 
     def compress(self, state, layer_idx: int, layer: nn.Module):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def kept_count(n: int, ratio: float) -> int:
+    """Visual tokens kept of ``n`` when a fraction ``ratio`` is dropped: ``n − floor(ratio·n)``.
+    (A tiny tolerance keeps float products such as 0.3·10 from flooring one too low.)"""
+    return n - min(n, int(math.floor(ratio * n + 1e-9)))
+
+
+class RatioPruner(LLMCompressor):
+    """An in-LLM method that drops a fraction ``ratio`` of the visual tokens before ``layer``."""
+
+    knobs: ClassVar[tuple[str, ...]] = ("layer", "ratio")
+
+    def __init__(self, layer: int | None = 2, ratio: float = 0.5):
+        super().__init__(layer)
+        self.ratio = ratio
+
+    def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
+            raise ConfigError(
+                "compressor.ratio", f"the fraction of image tokens dropped must be in [0, 1), got {self.ratio!r}"
+            )
+        super().check(encoder, llm_layers)
+
+    def compressing(self) -> bool:
+        return super().compressing() and self.ratio > 0
+
+    def kept(self, n: int) -> int:
+        return kept_count(n, self.ratio)
 
 
 class NoCompression(Compressor):

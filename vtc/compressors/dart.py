@@ -39,14 +39,12 @@ Knobs: ``layer`` (K) and ``ratio``.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtc.compressors.base import LLMCompressor
-from vtc.compressors.fastv import kept_count, layer_qk
+from vtc.compressors.base import RatioPruner, kept_count
+from vtc.compressors.fastv import layer_qk
 from vtc.errors import ConfigError
 from vtc.model.sequence import SeqState
 
@@ -89,35 +87,18 @@ def dart_select(
     return torch.cat(chosen)
 
 
-class DART(LLMCompressor):
-    knobs: ClassVar[tuple[str, ...]] = ("layer", "ratio")
-
+class DART(RatioPruner):
     def __init__(self, layer: int | None = 2, ratio: float = 0.778, pivot_image: int = 4, pivot_text: int = 4):
-        super().__init__(layer)
-        self.ratio = ratio
+        super().__init__(layer, ratio)
         self.pivot_image = pivot_image
         self.pivot_text = pivot_text
 
     def check(self, encoder, llm_layers: int) -> None:
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
-            raise ConfigError("compressor.ratio", f"the fraction of image tokens dropped must be in [0, 1), got {self.ratio!r}")
         if not isinstance(self.pivot_image, int) or self.pivot_image < 1:
             raise ConfigError("compressor.pivot_image", f"must be a positive integer, got {self.pivot_image!r}")
         if not isinstance(self.pivot_text, int) or self.pivot_text < 0:
             raise ConfigError("compressor.pivot_text", f"must be a non-negative integer, got {self.pivot_text!r}")
-        if self.layer is None:
-            return
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < llm_layers:
-            raise ConfigError("compressor.layer", f"{self.layer!r} is outside the LLM's layers 0..{llm_layers - 1}")
-
-    def applies_at(self, layer_idx: int) -> bool:
-        return self.enabled and self.layer is not None and self.ratio > 0 and layer_idx == self.layer
-
-    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
-        if not (self.enabled and self.layer is not None):
-            return [n] * num_layers
-        k = min(self.layer, num_layers)
-        return [n] * k + [kept_count(n, self.ratio)] * (num_layers - k)
+        super().check(encoder, llm_layers)
 
     def compress(self, state: SeqState, layer_idx: int, layer: nn.Module) -> SeqState:
         with torch.no_grad():

@@ -35,22 +35,13 @@ Knobs: ``layer`` (K) and ``ratio`` (R).
 """
 from __future__ import annotations
 
-import math
 import sys
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from vtc.compressors.base import LLMCompressor
-from vtc.errors import ConfigError
+from vtc.compressors.base import RatioPruner, kept_count  # noqa: F401  (kept_count re-exported)
 from vtc.model.sequence import SeqState
-
-
-def kept_count(n: int, ratio: float) -> int:
-    """Visual tokens kept of ``n`` when a fraction ``ratio`` is dropped: ``n − floor(ratio·n)``.
-    (A tiny tolerance keeps float products such as 0.3·10 from flooring one too low.)"""
-    return n - min(n, int(math.floor(ratio * n + 1e-9)))
 
 
 # -- recomputing what a decoder layer's attention would see ---------------------------------------
@@ -142,29 +133,8 @@ def query_attention(state: SeqState, layer: nn.Module) -> torch.Tensor:
     return scores.softmax(-1).mean(1)
 
 
-class FastV(LLMCompressor):
-    knobs: ClassVar[tuple[str, ...]] = ("layer", "ratio")
-
-    def __init__(self, layer: int | None = 2, ratio: float = 0.5):
-        super().__init__(layer)
-        self.ratio = ratio
-
-    def check(self, encoder, llm_layers: int) -> None:
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
-            raise ConfigError("compressor.ratio", f"the fraction of image tokens dropped must be in [0, 1), got {self.ratio!r}")
-        if self.layer is None:
-            return
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < llm_layers:
-            raise ConfigError("compressor.layer", f"{self.layer!r} is outside the LLM's layers 0..{llm_layers - 1}")
-
-    def applies_at(self, layer_idx: int) -> bool:
-        return self.enabled and self.layer is not None and self.ratio > 0 and layer_idx == self.layer
-
-    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
-        if not (self.enabled and self.layer is not None):
-            return [n] * num_layers
-        k = min(self.layer, num_layers)
-        return [n] * k + [kept_count(n, self.ratio)] * (num_layers - k)
+class FastV(RatioPruner):
+    """Knobs ``layer`` (K) and ``ratio`` (R); counts and checks come from ``RatioPruner``."""
 
     def scores(self, state: SeqState, layer: nn.Module) -> torch.Tensor:
         with torch.no_grad():

@@ -65,13 +65,9 @@ class VisualContextCompressor(LLMCompressor):
         s = self.stride
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ConfigError("compressor.stride", f"must be a positive integer, got {s!r}")
+        super().check(encoder, llm_layers)
         if self.layer is None:
             return
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not 0 <= self.layer < llm_layers:
-            raise ConfigError(
-                "compressor.layer",
-                f"{self.layer!r} is outside the LLM's layers 0..{llm_layers - 1} (or null: no compression)",
-            )
         if encoder is not None and s > encoder.num_patches:
             raise ConfigError(
                 "compressor.stride",
@@ -79,17 +75,11 @@ class VisualContextCompressor(LLMCompressor):
             )
 
     def compressing(self) -> bool:
-        return self.enabled and self.layer is not None and self.stride > 1
-
-    def applies_at(self, layer_idx: int) -> bool:
-        return self.compressing() and layer_idx == self.layer
+        return super().compressing() and self.stride > 1
 
     # -- counting --------------------------------------------------------------------------------
-    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
-        if not self.compressing():
-            return [n] * num_layers
-        k = min(self.layer, num_layers)
-        return [n] * k + [n // self.stride] * (num_layers - k)
+    def kept(self, n: int) -> int:
+        return n // self.stride  # the remainder n mod S is dropped, as avg_pool1d does
 
     def describe(self) -> str:
         if not self.compressing():
