@@ -2,7 +2,9 @@
 
 Facts this module is built on (MLflow 3.x): the plain-folder store raises, so the default is a
 sqlite file; parallel jobs racing to create a fresh sqlite database or experiment can fail, so
-both are created once before any job starts; re-logging a param with a new value raises, so a
+both are created once before any job starts, under a file lock per sqlite file (two sweeps
+launched at once into a fresh store otherwise race on the schema migration: "duplicate column"),
+with retries on transient store errors; re-logging a param with a new value raises, so a
 resumed run logs only the params it has not logged yet.
 """
 from __future__ import annotations
@@ -26,18 +28,56 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT}/mlflow.db")
 
 
+def store_lock(uri: str):
+    """A file lock serialising store creation for a sqlite URI (a no-op for other stores). The
+    lock lives in the temp folder, keyed by the database's absolute path."""
+    import contextlib
+    import hashlib
+    import tempfile
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    key = hashlib.sha1(db.encode()).hexdigest()[:16]
+    return FileLock(os.path.join(tempfile.gettempdir(), f"vtc-mlflow-{key}.lock"), timeout=300)
+
+
+def with_retries(fn, what: str, attempts: int = 6, delay: float = 0.5):
+    """Call ``fn`` again after transient store errors (sqlite busy/locked, a racing creator)."""
+    import random
+    import time
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - MLflow wraps sqlite errors in several types
+            if i == attempts - 1:
+                raise
+            log.warning("MLflow %s failed (%s: %s); retrying", what, type(e).__name__, str(e)[:200])
+            time.sleep(delay * (2**i) * (0.5 + random.random()))
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """Create the store and the experiment if missing; return the experiment id."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created concurrently by another process
-        return client.get_experiment_by_name(name).experiment_id
+    def get_or_create():
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name)
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    with store_lock(uri):
+        return with_retries(get_or_create, f"store/experiment creation at {uri}")
 
 
 class MLflowSweepParent(Callback):
@@ -56,13 +96,14 @@ class MLflowSweepParent(Callback):
         exp_id = ensure_experiment(self.uri, config.logger.mlflow.experiment_name)
         client = MlflowClient(tracking_uri=self.uri)
         sweep_dir = config.hydra.sweep.dir
-        run = client.create_run(
+        run = with_retries(lambda: client.create_run(
             exp_id,
             run_name=f"sweep {os.path.basename(sweep_dir)}",
             tags={"vtc.sweep_dir": sweep_dir, "vtc.kind": "sweep"},
-        )
+        ), "sweep parent creation")
         self.run_id = run.info.run_id
-        client.log_param(self.run_id, "sweep.overrides", " ".join(config.hydra.overrides.task))
+        overrides = " ".join(config.hydra.overrides.task)[:6000]
+        with_retries(lambda: client.log_param(self.run_id, "sweep.overrides", overrides), "sweep param")
         os.environ[PARENT_ENV] = self.run_id
         log.info("MLflow parent run %s for sweep %s", self.run_id, sweep_dir)
 
@@ -71,7 +112,8 @@ class MLflowSweepParent(Callback):
             return
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=self.uri).set_terminated(self.run_id)
+        client = MlflowClient(tracking_uri=self.uri)
+        with_retries(lambda: client.set_terminated(self.run_id), "sweep parent termination")
         os.environ.pop(PARENT_ENV, None)
 
 
