@@ -106,6 +106,9 @@ def write_predictions(path: str, rows: list[dict]) -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
+    from vtc.interop.llava import resolve_init_from
+
+    resolve_init_from(cfg)  # model.init_from: encoder/llm/projector/data describe that directory
     check_config(cfg)  # fails fast, naming the key, before anything heavy happens
     ckpt_path = resolve_ckpt(cfg)
     L.seed_everything(cfg.seed, workers=True)

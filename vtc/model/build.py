@@ -13,6 +13,10 @@ LLM_META = ("tokenizer_path",)
 
 
 def build_lmm(cfg: DictConfig, tokenizer) -> LMM:
+    if (cfg.get("model") or {}).get("init_from"):  # a LLaVA / exported directory (vtc.interop.llava)
+        from vtc.interop.llava import build_lmm_from_cfg
+
+        return build_lmm_from_cfg(cfg, tokenizer)
     enc_kwargs = node_kwargs(cfg.encoder, drop=ENCODER_META)
     if cfg.encoder.get("pretrain"):
         enc_kwargs["config"] = None  # the pre-trained copy at `path` is the model

@@ -1,0 +1,37 @@
+"""Interoperability with LLaVA checkpoints: read them (``model.init_from``), write them
+(``python -m vtc.export``).
+
+Three directory formats:
+
+``hf``     a transformers ``LlavaForConditionalGeneration`` directory (``config.json`` with
+           ``vision_config`` / ``text_config``, safetensors, tokenizer, processor config);
+``llava``  an original-LLaVA directory (haotian-liu/LLaVA): an LLM directory whose config names
+           ``mm_vision_tower``, ``mm_projector_type``, ``mm_vision_select_layer``,
+           ``mm_hidden_size`` and whose weights hold ``model.mm_projector.*``; the vision tower
+           is a separate local directory (``model.vision_tower_path``);
+``vtc``    what ``python -m vtc.export --format vtc`` writes for models that no Llava class can
+           hold (a compressor with trained parameters, e.g. STF): ``config.json`` with
+           ``"format": "vtc-lmm"`` naming the compressor config, the LMM's own state dict in
+           safetensors, tokenizer and image-processor config.
+
+See :mod:`vtc.interop.llava` (reading) and :mod:`vtc.interop.export` (writing).
+"""
+from vtc.interop.llava import (
+    LlavaLoadError,
+    LlavaSpec,
+    LoadedLlava,
+    LoadReport,
+    image_processor_from_config,
+    load_llava,
+    read_spec,
+)
+
+__all__ = [
+    "LlavaLoadError",
+    "LlavaSpec",
+    "LoadedLlava",
+    "LoadReport",
+    "image_processor_from_config",
+    "load_llava",
+    "read_spec",
+]
