@@ -38,5 +38,10 @@ report: setup
 mlflow: setup
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
+## The speed benchmarks (CPU; tables in experiments/bench/): make bench ARGS=--quick for a smoke test
+bench: setup
+	$(PY) -m vtc.bench.compressors $(ARGS)
+	$(PY) -m vtc.bench.curriculum $(ARGS)
+
 clean-runs:
 	rm -rf outputs multirun mlflow.db mlartifacts
