@@ -35,6 +35,13 @@ def _run_name() -> str:
     return name[:250] or "default"
 
 
+def _world_size(devices, num_nodes) -> int:
+    """conf/trainer/fsdp2.yaml's data-parallel size: devices * num_nodes (vtc.parallel)."""
+    from vtc.parallel import world_size_from
+
+    return world_size_from(devices, num_nodes)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vtc_root"):
         OmegaConf.register_new_resolver("vtc_root", lambda: os.environ.get("VTC_ROOT", str(ROOT)))
@@ -42,6 +49,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_name", _run_name)
     if not OmegaConf.has_resolver("basename"):
         OmegaConf.register_new_resolver("basename", lambda p: os.path.basename(str(p).rstrip("/")))
+    if not OmegaConf.has_resolver("vtc_world_size"):
+        OmegaConf.register_new_resolver("vtc_world_size", _world_size)
 
 
 register_resolvers()

@@ -28,15 +28,16 @@ def build_datamodule(cfg: DictConfig):
 def resolve_ckpt(cfg: DictConfig) -> str | None:
     """``ckpt_path``: null, an explicit file, or ``last`` (this run directory's last.ckpt)."""
     from vtc.errors import ConfigError
+    from vtc.parallel import is_sharded_checkpoint
 
     ckpt = cfg.get("ckpt_path")
     if ckpt is None:
         return None
     if ckpt == "last":
         ckpt = os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt")
-        if not os.path.isfile(ckpt):
+        if not (os.path.isfile(ckpt) or is_sharded_checkpoint(ckpt)):
             raise ConfigError("ckpt_path", f"last: no {ckpt}; pin the run directory with hydra.run.dir=<the run's dir>")
-    elif not os.path.isfile(ckpt):
+    elif not (os.path.isfile(ckpt) or is_sharded_checkpoint(ckpt)):
         raise ConfigError("ckpt_path", f"{ckpt!r} is not a file")
     return ckpt
 
@@ -45,7 +46,9 @@ def stored_run_id(ckpt: str | None) -> str | None:
     """The MLflow run a checkpoint belongs to, so a resumed run continues it."""
     if ckpt is None:
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # no full read
+    from vtc.parallel import checkpoint_meta
+
+    state = checkpoint_meta(ckpt)  # a file: memory-mapped, no full read; a sharded folder: its meta.pt
     return (state.get("vtc") or {}).get("mlflow_run_id")
 
 

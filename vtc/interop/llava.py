@@ -598,7 +598,8 @@ def build_encoder(spec: LlavaSpec, attn_implementation: str = "sdpa", dtype=None
 
     cls = SiglipVisionModel if spec.vision_kind == "siglip" else CLIPVisionModel
     with no_init_weights():
-        model = cls._from_config(copy.deepcopy(spec.vision_config), attn_implementation=attn_implementation,
+        model = cls._from_config(copy.deepcopy(spec.vision_config),
+                                 attn_implementation=resolve_attn_implementation(attn_implementation),
                                  dtype=_dtype(dtype))
     return VisionEncoder(model, spec.select_layer)
 

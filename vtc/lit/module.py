@@ -3,6 +3,7 @@
 Logged (names are stable; reports read them):
   train/loss, train/visual_tokens (per image sample, entering the LLM),
   train/equiv_visual_tokens (layer average: what FLOPs scale with), train/samples_per_sec, lr;
+  data/seen, data/skipped, data/truncated, data/skipped_<reason> (training stream, all ranks);
   val/loss, val/acc, val/acc_<question type>, val/visual_tokens; test/acc, test/acc_<type>.
 """
 from __future__ import annotations
@@ -85,6 +86,13 @@ class LMMModule(L.LightningModule):
     def forward(self, batch):
         return self.model(batch)
 
+    def configure_model(self) -> None:
+        # Parallelism is applied from outside the model: FSDP2 under ModelParallelStrategy
+        # (trainer=fsdp2) shards self.model block by block; every other strategy: nothing to do.
+        from vtc.parallel import configure_fsdp2
+
+        configure_fsdp2(self)
+
     # -- training --------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         self._t0 = time.perf_counter()
@@ -141,6 +149,19 @@ class LMMModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             self.log("lr", sched.get_last_lr()[0])
+        self._log_data_counts()
+
+    def _log_data_counts(self):
+        """``data/seen``, ``data/skipped``, ``data/truncated``, ``data/skipped_<reason>`` of the
+        training stream (the datamodule's ``skip_counts``), summed over ranks, at logging steps."""
+        counts = getattr(getattr(self.trainer, "datamodule", None), "skip_counts", None)
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if not counts or (connector is not None and not connector.should_update_logs):
+            return
+        total = self.trainer.strategy.reduce(torch.tensor(list(counts.values()), device=self.device), reduce_op="sum")
+        for key, value in zip(counts, total.tolist()):
+            if value or key in ("seen", "skipped"):
+                self.log(f"data/{key}", float(value), rank_zero_only=True)
 
     # -- evaluation ------------------------------------------------------------------------------
     def decode(self, tokens: list[list[int]]) -> list[str]:

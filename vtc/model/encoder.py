@@ -106,6 +106,15 @@ def encoder_info(config, select_layer: int = -2) -> EncoderInfo:
     return info
 
 
+def _gathered(layer: nn.Module) -> None:
+    """FSDP2 (trainer=fsdp2) keeps a sharded block's weights as shards outside its forward; the
+    one-row recomputations below read them directly, so gather them first (no-op otherwise; the
+    block's next forward reshards them)."""
+    unshard = getattr(layer, "unshard", None)
+    if callable(unshard):
+        unshard()
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, model: nn.Module, select_layer: int = -2):
         super().__init__()
@@ -123,8 +132,13 @@ class VisionEncoder(nn.Module):
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
     ) -> "VisionEncoder":
-        """From a local directory (``path``) or a dict of config fields (random init)."""
+        """From a local directory (``path``) or a dict of config fields (random init).
+        ``attn_implementation=auto``: flash_attention_2 on CUDA with flash-attn installed, else sdpa."""
         from transformers import CLIPVisionModel, SiglipVisionModel
+
+        from vtc.model.llm import resolve_attn_implementation
+
+        attn_implementation = resolve_attn_implementation(attn_implementation)
 
         vcfg = load_vision_config(path, config, kind)
         model_cls = SiglipVisionModel if _family(vcfg) == "siglip" else CLIPVisionModel
@@ -190,6 +204,7 @@ class VisionEncoder(nn.Module):
         [B, heads, N]. Only the one query row is computed, so no N x N map is materialised.
         """
         layer = self.layers[state_index - 1]
+        _gathered(layer)
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_in)
         b, n, _ = x.shape
@@ -201,6 +216,7 @@ class VisionEncoder(nn.Module):
     def block_keys(self, state_index: int, hidden_in: torch.Tensor) -> torch.Tensor:
         """Keys [B, heads, N, head_dim] of block ``state_index`` for similarity-based merging."""
         layer = self.layers[state_index - 1]
+        _gathered(layer)
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_in)
         b, n, _ = x.shape
