@@ -127,3 +127,45 @@ def test_report_without_parent_reads_whole_experiment_and_logs_nothing(store, tm
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.6), (0.5, math.nan)]
     assert pareto_front(pts) == [True, True, False, False, False]
+
+
+def test_report_of_eval_runs_benchmark_headlines_and_cost(tmp_path):
+    """eval.py runs (no training metrics): one row per benchmark and compressor, the headline
+    numbers only, the cost columns, Pareto on measured-model prefill TFLOPs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("eval", artifact_location=str(tmp_path / "artifacts"))
+    # (benchmark, compressor) -> per seed: (headline metrics, prefill_tflops, prefill_ms, kv_bytes, tokens)
+    runs = {
+        ("pope", "none"): [({"pope/acc": 0.80, "pope/f1": 0.82, "pope/adversarial/acc": 0.7, "pope/n": 6}, 2.0, 10.0, 4000, 64),
+                           ({"pope/acc": 0.84, "pope/f1": 0.80, "pope/adversarial/acc": 0.9, "pope/n": 6}, 2.0, 12.0, 4000, 64)],
+        ("pope", "pool"): [({"pope/acc": 0.70, "pope/f1": 0.71, "pope/adversarial/acc": 0.6, "pope/n": 6}, 0.5, 4.0, 1000, 16)],
+        ("mme", "none"): [({"mme/perception": 1200.0, "mme/cognition": 300.0, "mme/OCR/acc": 50.0}, 2.1, 11.0, 4100, 64)],
+    }
+    for (bench, comp), seeds in runs.items():
+        for seed, (mets, tfl, ms, kv, tok) in enumerate(seeds):
+            r = c.create_run(exp).info.run_id
+            for k, v in {"seed": seed, "benchmark.name": bench, "compressor._target_": comp}.items():
+                c.log_param(r, k, str(v))
+            for k, v in {**mets, "cost/prefill_tflops": tfl * 1e-6, "cost/prefill_ms": ms, "cost/kv_bytes": kv,
+                         "cost/decode_tok_s": 100.0, "cost/batch_size": 4, "cost/visual_tokens": tok}.items():
+                c.log_metric(r, k, v)
+            c.set_terminated(r)
+    data = make_report("eval", out=str(tmp_path / "rep"), tracking_uri=uri, metric="pope/acc")
+    assert data["columns"][:4] == ["mme/cognition", "mme/perception", "pope/acc", "pope/f1"]
+    assert not [col for col in data["columns"] if col.endswith(("/n", "adversarial/acc", "OCR/acc"))]
+    assert "cost/batch_size" not in data["columns"]
+    rows = parse_table((tmp_path / "rep" / "report.md").read_text())
+    assert len(rows) == 3
+    row = next(r for k, r in rows.items() if "pope" in k and "none" in k)
+    assert pm(row["pope/acc"]) == pytest.approx((0.82, np.std([0.80, 0.84], ddof=1)), abs=1e-4)
+    assert pm(row["prefill ms (TTFT)"]) == pytest.approx((11.0, np.std([10.0, 12.0], ddof=1)), abs=0.006)
+    assert pm(row["KV bytes"]) == (4000, 0) and pm(row["visual tokens"]) == (64, 0)
+    assert row["mme/perception"] == "–"
+    by_label = {cfg["label"]: cfg for cfg in data["configurations"]}
+    pool = next(v for k, v in by_label.items() if "pool" in k)
+    none = next(v for k, v in by_label.items() if "pope" in k and "none" in k)
+    assert pool["pareto"]["tflops"] and none["pareto"]["tflops"]  # cheaper-and-worse vs dearer-and-better
+    assert "cost/prefill_tflops" in (tmp_path / "rep" / "report.md").read_text()

@@ -13,7 +13,9 @@ def trained(workspace):
     proc = workspace.run("train.py", "seed=3")
     runs = [r for r in workspace.runs() if r.data.params.get("seed") == "3"]
     assert len(runs) == 1, proc.stdout[-2000:]
-    ckpts = glob.glob(str(workspace.root / "outputs" / "runs" / "*" / "checkpoints" / "last.ckpt"))
+    # This run's own folder: the shared workspace holds other tests' runs too.
+    out_dir = runs[0].data.params["paths.output_dir"]
+    ckpts = glob.glob(os.path.join(out_dir, "checkpoints", "last.ckpt"))
     return runs[0], ckpts
 
 

@@ -35,6 +35,8 @@ def eval_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
         train_cfg = OmegaConf.merge(train_cfg, cfg.override)
     if cfg.get("max_new_tokens"):
         train_cfg.generation.max_new_tokens = cfg.max_new_tokens
+    if cfg.get("eval_batch_size"):
+        train_cfg.data.eval_batch_size = cfg.eval_batch_size
     return train_cfg
 
 
@@ -61,6 +63,9 @@ def evaluate(cfg: DictConfig) -> float | None:
     OmegaConf.set_struct(run_cfg, False)
     run_cfg.paths = cfg.paths
     check_config(run_cfg)
+    from vtc.eval_bench import benchmark_spec
+
+    bench = benchmark_spec(cfg)  # a LLaVA benchmark's files, checked before anything is built
 
     from vtc.data.tokenizer import load_tokenizer
     from vtc.tracking import ensure_experiment, log_config, parent_tags
@@ -87,11 +92,19 @@ def evaluate(cfg: DictConfig) -> float | None:
     os.makedirs(out_dir, exist_ok=True)
     if loggers:
         log_config(loggers[0], run_cfg, out_dir)
-    trainer.test(module, datamodule=datamodule)
+    from vtc.eval_bench import cost_meter, log_benchmark_params, log_cost, run_benchmark
+
+    meter = cost_meter(cfg, module.model)
+    if bench is not None:
+        return run_benchmark(bench, cfg, module, datamodule, loggers, meter)
+    with meter:
+        trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     path = os.path.join(out_dir, "predictions.jsonl")
     write_predictions(path, module.predictions)
     if loggers:
         loggers[0].experiment.log_artifact(loggers[0].run_id, path)
+    metrics.update(log_cost(cfg, meter, loggers))
+    log_benchmark_params(cfg, loggers)
     log.info("eval metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics.get("test/acc")

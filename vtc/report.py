@@ -7,11 +7,16 @@ its runs (seeds). Std is the sample standard deviation (ddof=1; 0 for a single r
 
 Writes into ``--out`` (default ``reports/<experiment>[-<parent>]``):
 
-- ``report.md``: the table (accuracies: ``test/acc``, ``val/acc`` and any ``<bench>/<metric>``;
-  visual tokens: ``test/visual_tokens`` and ``test/equiv_visual_tokens``, falling back to the
-  ``train/`` ones; ``train/tflops_cum``; ``train/time_cum_s``; any ``cost/*``), Pareto membership;
+- ``report.md``: the table (accuracies: ``test/acc``, ``val/acc`` and each benchmark's headline
+  numbers from ``eval.py benchmark=...``: ``<bench>/acc``, ``pope/f1``, ``scienceqa/img_acc``,
+  ``mme/perception``, ``mme/cognition``; visual tokens: ``test/visual_tokens`` and
+  ``test/equiv_visual_tokens``, falling back to the ``val/``, ``train/`` and ``cost/`` ones;
+  ``train/tflops_cum``; ``train/time_cum_s``; the evaluation cost ``cost/prefill_tflops``,
+  ``cost/prefill_ms``, ``cost/decode_tok_s``, ``cost/kv_bytes``), Pareto membership;
 - ``report.json``: the same numbers, machine-readable;
-- ``acc_vs_tflops.png``, ``acc_vs_tokens.png``: accuracy against cost, the Pareto front marked;
+- ``acc_vs_tflops.png``, ``acc_vs_tokens.png``: accuracy against cost, the Pareto front marked
+  (TFLOPs = ``train/tflops_cum`` when the runs trained, else ``cost/prefill_tflops``, e.g. for
+  the ``eval`` experiment);
 - ``training_curves.png``: ``train/loss`` against step, coloured by the curriculum stage in force
   (the history of ``curriculum/stage``; stage 0 when a run has no curriculum).
 
@@ -34,8 +39,13 @@ IGNORE_KEYS = {"seed", "data.seed", "ckpt_path", "callbacks.model_checkpoint.dir
                "trainer.default_root_dir", "sweep.overrides"}
 IGNORE_PREFIXES = ("paths.", "logger.", "hydra.")
 # Metric prefixes that are not benchmark scores.
-NON_BENCH = {"train", "val", "test", "curriculum", "cost", "lr", "epoch", "trainer"}
+NON_BENCH = {"train", "val", "test", "curriculum", "cost", "lr", "epoch", "trainer", "data"}
+# The headline numbers of a benchmark (vtc.data.eval_files.score_benchmark's keys); the rest (per
+# category, n, n_missing) stay in MLflow.
+HEADLINE = ("acc", "f1", "img_acc", "perception", "cognition")
 TOKEN_KEYS = ("visual_tokens", "equiv_visual_tokens")
+# Evaluation cost (vtc.eval_cost), in table order.
+COST_SHOWN = ("cost/prefill_tflops", "cost/prefill_ms", "cost/decode_tok_s", "cost/kv_bytes")
 
 
 def ignored(key: str, value: str, run_dirs: tuple[str, ...]) -> bool:
@@ -68,14 +78,15 @@ class Group:
 def accuracy_columns(runs) -> list[str]:
     keys = set().union(*(r.data.metrics for r in runs)) if runs else set()
     cols = [k for k in ("test/acc", "val/acc") if k in keys]
-    cols += sorted(k for k in keys if "/" in k and k.split("/", 1)[0] not in NON_BENCH)
+    cols += sorted(k for k in keys if k.count("/") == 1 and k.split("/")[0] not in NON_BENCH
+                   and k.split("/")[1] in HEADLINE)
     return cols
 
 
 def metric_value(run, col: str):
     m = run.data.metrics
     if col in ("visual_tokens", "equiv_visual_tokens"):
-        for split in ("test", "val", "train"):
+        for split in ("test", "val", "train", "cost"):
             if f"{split}/{col}" in m:
                 return m[f"{split}/{col}"]
         return None
@@ -139,11 +150,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 COST_COLS = {"tflops": "train/tflops_cum", "tokens": "visual_tokens"}
 
 
+def tflops_column(runs) -> str:
+    """Training TFLOPs when the runs trained, else measured-model prefill TFLOPs (eval runs)."""
+    if any("train/tflops_cum" in r.data.metrics for r in runs):
+        return "train/tflops_cum"
+    return "cost/prefill_tflops" if any("cost/prefill_tflops" in r.data.metrics for r in runs) else "train/tflops_cum"
+
+
 def summarize(runs, metric: str | None = None) -> tuple[list[Group], list[str], str | None]:
     groups = group_runs(runs)
     acc_cols = accuracy_columns(runs)
-    cost_keys = sorted({k for r in runs for k in r.data.metrics if k.startswith("cost/")})
+    present = {k for r in runs for k in r.data.metrics}
+    cost_keys = [k for k in COST_SHOWN if k in present]
     cols = acc_cols + list(TOKEN_KEYS) + ["train/tflops_cum", "train/time_cum_s"] + cost_keys
+    cost_cols = {**COST_COLS, "tflops": tflops_column(runs)}
     for g in groups:
         for col in cols:
             vals = [metric_value(r, col) for r in g.runs]
@@ -152,30 +172,35 @@ def summarize(runs, metric: str | None = None) -> tuple[list[Group], list[str], 
             g.stats[col] = (m, s, len(vals))
     primary = metric or (acc_cols[0] if acc_cols else None)
     if primary:
-        for name, col in COST_COLS.items():
+        for name, col in cost_cols.items():
             flags = pareto_front([(g.stats[col][0], g.stats.get(primary, (float("nan"),))[0]) for g in groups])
             for g, f in zip(groups, flags):
                 g.pareto[name] = f
     return groups, cols, primary
 
 
-def fmt(mean: float, std: float, n: int, digits: int) -> str:
+def fmt(mean: float, std: float, n: int, digits: int | str) -> str:
     if n == 0 or math.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    spec = f".{digits}f" if isinstance(digits, int) else digits
+    return f"{mean:{spec}} ± {std:{spec}}"
 
 
-DIGITS = {"train/tflops_cum": 4, "train/time_cum_s": 1, "visual_tokens": 1, "equiv_visual_tokens": 1}
+DIGITS = {"train/tflops_cum": 4, "train/time_cum_s": 1, "visual_tokens": 1, "equiv_visual_tokens": 1,
+          "cost/prefill_tflops": ".4g", "cost/prefill_ms": 2, "cost/decode_tok_s": 1, "cost/kv_bytes": 0}
 HEADERS = {"visual_tokens": "visual tokens", "equiv_visual_tokens": "equiv. visual tokens",
-           "train/tflops_cum": "TFLOPs (train)", "train/time_cum_s": "train time (s)"}
+           "train/tflops_cum": "TFLOPs (train)", "train/time_cum_s": "train time (s)",
+           "cost/prefill_tflops": "prefill TFLOPs/sample", "cost/prefill_ms": "prefill ms (TTFT)",
+           "cost/decode_tok_s": "decode tok/s", "cost/kv_bytes": "KV bytes"}
 
 
-def markdown(groups, cols, primary, experiment, parent) -> str:
+def markdown(groups, cols, primary, experiment, parent, tflops_col: str = "train/tflops_cum") -> str:
     lines = [f"# Report: experiment `{experiment}`" + (f", sweep parent `{parent}`" if parent else ""), ""]
     lines.append(f"{sum(len(g.runs) for g in groups)} runs in {len(groups)} configurations; "
                  "mean ± std (sample std, ddof=1) over seeds; n = runs per configuration.")
     if primary:
-        lines.append(f"Pareto fronts: maximise `{primary}`, minimise TFLOPs / visual tokens (✓ = on the front).")
+        lines.append(f"Pareto fronts: maximise `{primary}`, minimise TFLOPs (`{tflops_col}`) / visual tokens "
+                     "(✓ = on the front).")
     lines.append("")
     head = ["configuration", "n"] + [HEADERS.get(c, c) for c in cols] + ["Pareto TFLOPs", "Pareto tokens"]
     lines.append("| " + " | ".join(head) + " |")
@@ -200,9 +225,9 @@ def _plt():
     return plt
 
 
-def plot_pareto(groups, primary, cost: str, path: str, xlabel: str) -> None:
+def plot_pareto(groups, primary, cost: str, path: str, xlabel: str, col: str | None = None) -> None:
     plt = _plt()
-    col = COST_COLS[cost]
+    col = col or COST_COLS[cost]
     fig, ax = plt.subplots(figsize=(7, 5))
     pts = [(g.stats[col][0], g.stats[primary][0], g.stats[primary][1], g) for g in groups
            if primary and not math.isnan(g.stats[col][0]) and not math.isnan(g.stats[primary][0])]
@@ -285,7 +310,7 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
     out = out or os.path.join("reports", experiment + (f"-{parent[:8]}" if parent else ""))
     os.makedirs(out, exist_ok=True)
     files = {
-        "report.md": markdown(groups, cols, primary, experiment, parent),
+        "report.md": markdown(groups, cols, primary, experiment, parent, tflops_column(runs)),
     }
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(files["report.md"])
@@ -301,7 +326,9 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(data, f, indent=1, default=str)
     if primary:
-        plot_pareto(groups, primary, "tflops", os.path.join(out, "acc_vs_tflops.png"), "training TFLOPs (train/tflops_cum)")
+        tcol = tflops_column(runs)
+        xlabel = "training TFLOPs (train/tflops_cum)" if tcol == "train/tflops_cum" else f"prefill TFLOPs per sample ({tcol})"
+        plot_pareto(groups, primary, "tflops", os.path.join(out, "acc_vs_tflops.png"), xlabel, col=tcol)
         plot_pareto(groups, primary, "tokens", os.path.join(out, "acc_vs_tokens.png"), "visual tokens per image")
     plot_curves(client, groups, os.path.join(out, "training_curves.png"))
     written = sorted(os.path.join(out, f) for f in os.listdir(out)
