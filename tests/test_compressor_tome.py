@@ -212,3 +212,30 @@ def test_same_seed_batch_independence_training_generation():
     for name in ("projector", "llm"):
         for p in getattr(m1, name).parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_flops_count_the_merged_encoder():
+    """The accounting charges each encoder block for what it ran: attention on the tokens before
+    its merge, MLP on the tokens after (vit layer: 4nd^2 + 2n^2d + 2 n_mlp d m MACs), and the
+    projector on what leaves the tower; written out here independently of vtc.flops."""
+    from vtc.accounting import batch_flops, model_shape
+
+    comp = ToMe(r=3)
+    model = tiny_lmm(comp)
+    info = model.encoder.info
+    shape = model_shape(model)
+    n = info.num_patches
+    blocks = comp.encoder_tokens(n)
+    assert [a - b for a, b in blocks] == comp.schedule_for(info)
+    d, m = shape.vision_d, shape.vision_m
+    t, expect = n + 1, 0
+    for r in comp.schedule_for(info):
+        expect += 2 * (4 * t * d * d + 2 * t * t * d + 2 * (t - r) * d * m)
+        t -= r
+    lengths, vis = torch.tensor([30]), torch.tensor([comp.tokens_out(n)])
+    seen = torch.full((shape.llm_layers, 1), int(vis[0]))
+    plain = batch_flops(shape, lengths, vis, seen, torch.tensor([2]), projector_tokens=vis)
+    merged = batch_flops(shape, lengths, vis, seen, torch.tensor([2]), projector_tokens=vis,
+                         vision_tokens_per_layer=blocks)
+    full_vision = 2 * shape.vision_layers * (4 * (n + 1) * d * d + 2 * (n + 1) ** 2 * d + 2 * (n + 1) * d * m)
+    assert plain - merged == full_vision - expect > 0

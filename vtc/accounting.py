@@ -49,13 +49,16 @@ def batch_flops(
     projector_tokens: torch.Tensor | None = None,
     trainable: tuple[str, ...] | None = None,
     extra_per_image: float = 0.0,
+    vision_tokens_per_layer: list | None = None,
 ) -> float:
     """Sum over samples of forward (``trainable=None``) or training-step FLOPs.
 
     lengths [B]: LLM input length per sample; visual_in [B]: visual tokens entering the LLM;
     seen [layers, B]: visual tokens per LLM layer; targets_per_sample [B]: logit positions;
     extra_per_image: forward FLOPs a compressor adds per image (``Compressor.own_flops``),
-    counted at 3x in training when the compressor trains, 1x otherwise.
+    counted at 3x in training when the compressor trains, 1x otherwise;
+    vision_tokens_per_layer: per image, what each encoder block runs on when the compressor
+    shrinks the tower (``Compressor.encoder_tokens``); None: the full tower.
     """
     frozen: tuple[str, ...] = ()
     if trainable is not None:
@@ -69,7 +72,7 @@ def batch_flops(
             shape,
             text_tokens=text,
             visual_tokens_per_layer=[int(x) for x in seen[:, b]],
-            vision_tokens_per_layer=None if has_image else [0] * shape.vision_layers,
+            vision_tokens_per_layer=vision_tokens_per_layer if has_image else [0] * shape.vision_layers,
             projector_tokens=(int(projector_tokens[b]) if projector_tokens is not None else vis) if has_image else 0,
             lm_head_tokens=int(targets_per_sample[b]) if targets_per_sample is not None else 1,
         )

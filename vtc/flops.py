@@ -149,10 +149,13 @@ def llm_layer_macs(
     return proj + attn + mlp
 
 
-def vit_layer_macs(n: int, d: int, m: int) -> int:
-    """MACs of one ViT encoder layer (MHA + GELU MLP) on ``n`` tokens: ``4nd² + 2n²d + 2ndm``."""
-    _check_nonneg(n=n, d=d, m=m)
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+def vit_layer_macs(n: int, d: int, m: int, n_mlp: int | None = None) -> int:
+    """MACs of one ViT encoder layer (MHA + GELU MLP) on ``n`` tokens: ``4nd² + 2n²d + 2ndm``.
+    ``n_mlp``: tokens left for the MLP when the layer merges tokens between its attention and its
+    MLP (ToMe): ``4nd² + 2n²d + 2·n_mlp·dm``."""
+    n_mlp = n if n_mlp is None else n_mlp
+    _check_nonneg(n=n, d=d, m=m, n_mlp=n_mlp)
+    return 4 * n * d * d + 2 * n * n * d + 2 * n_mlp * d * m
 
 
 def projector_macs(n: int, dims: Sequence[int]) -> int:
@@ -337,7 +340,7 @@ def forward_flops(
     shape: ModelShape,
     text_tokens: int,
     visual_tokens_per_layer: Sequence[int],
-    vision_tokens_per_layer: Sequence[int] | None = None,
+    vision_tokens_per_layer: Sequence[int | tuple[int, int]] | None = None,
     projector_tokens: int | None = None,
     lm_head_tokens: int | None = None,
 ) -> dict[str, float]:
@@ -351,7 +354,8 @@ def forward_flops(
             (``len == shape.llm_layers``). Layer i runs on ``text_tokens + v[i]`` tokens.
         vision_tokens_per_layer: tokens that encoder layer j runs on (prefix/CLS included),
             one entry per encoder layer run (at most ``shape.vision_layers``; fewer when the
-            tower is truncated). Default: ``shape.vision_tokens`` in all
+            tower is truncated). An entry may be a pair ``(attention tokens, MLP tokens)`` for a
+            layer that merges between the two (ToMe). Default: ``shape.vision_tokens`` in all
             ``shape.vision_layers`` layers (no in-encoder compression).
         projector_tokens: tokens through the projector. Default: what leaves the encoder,
             ``vision_tokens_per_layer[-1] − shape.vision_prefix`` (576 for LLaVA-1.5). A
@@ -378,22 +382,23 @@ def forward_flops(
         raise ValueError("visual token counts must be >= 0")
 
     if vision_tokens_per_layer is None:
-        v_enc = [shape.vision_tokens] * shape.vision_layers
+        v_enc = [(shape.vision_tokens, shape.vision_tokens)] * shape.vision_layers
     else:
-        v_enc = [int(x) for x in vision_tokens_per_layer]
+        v_enc = [(int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
+                 for x in vision_tokens_per_layer]
         if len(v_enc) > shape.vision_layers:
             raise ValueError(
                 f"vision_tokens_per_layer has {len(v_enc)} entries, the encoder has "
                 f"{shape.vision_layers} layers"
             )
-        if any(x < 0 for x in v_enc):
+        if any(a < 0 or b < 0 for a, b in v_enc):
             raise ValueError("vision token counts must be >= 0")
 
     if projector_tokens is None:
-        projector_tokens = (v_enc[-1] if v_enc else shape.vision_tokens) - shape.vision_prefix
+        projector_tokens = (v_enc[-1][1] if v_enc else shape.vision_tokens) - shape.vision_prefix
         projector_tokens = max(projector_tokens, 0)
 
-    vision = FLOPS_PER_MAC * sum(vit_layer_macs(n, shape.vision_d, shape.vision_m) for n in v_enc)
+    vision = FLOPS_PER_MAC * sum(vit_layer_macs(a, shape.vision_d, shape.vision_m, b) for a, b in v_enc)
     projector = FLOPS_PER_MAC * projector_macs(projector_tokens, shape.projector_dims)
     llm = FLOPS_PER_MAC * sum(
         llm_layer_macs(

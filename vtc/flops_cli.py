@@ -48,7 +48,8 @@ def rows_for(cfg, names: list[str], text_tokens: int) -> list[dict]:
         comp = model.compressor
         n_in = comp.tokens_out(info.num_patches) if comp.site != "llm" else info.num_patches
         per_layer = comp.tokens_per_layer(n_in, model.llm.num_layers) if comp.site == "llm" else [n_in] * model.llm.num_layers
-        f = forward_flops(shape, text_tokens, per_layer, projector_tokens=n_in, lm_head_tokens=1)
+        f = forward_flops(shape, text_tokens, per_layer, vision_tokens_per_layer=comp.encoder_tokens(info.num_patches),
+                          projector_tokens=n_in, lm_head_tokens=1)
         total = f["total"] + comp.own_flops(info.num_patches)
         base = base or (f["llm"], total)
         rows.append({

@@ -78,6 +78,12 @@ class Compressor(nn.Module):
     def output_dim(self, in_dim: int) -> int:
         return in_dim
 
+    def encoder_tokens(self, n: int) -> list[tuple[int, int]] | None:
+        """Per run encoder block, the tokens (prefix included) its attention and its MLP see, for
+        methods that shrink the sequence inside the vision tower (ToMe); None: the tower runs
+        uncompressed. Feeds the FLOPs accounting (``vtc.flops.forward_flops``)."""
+        return None
+
     def own_flops(self, n: int) -> float:
         """Forward FLOPs the method itself adds per image for ``n`` patch tokens, beyond the
         encoder, projector and LLM (e.g. MBTF's per-token fusion MLP). Scoring passes of in-LLM

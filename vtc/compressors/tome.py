@@ -193,6 +193,12 @@ class ToMe(Compressor):
             t -= r
         return out
 
+    def encoder_tokens(self, n: int) -> list[tuple[int, int]]:
+        """(attention, MLP) tokens per run block: each block's merge removes ``r`` tokens after its
+        attention, so its MLP already runs on the reduced count."""
+        attn = self.encoder_tokens_per_layer(n)
+        return [(t, t - r) for t, r in zip(attn, self._schedule(self._setup_info(), n))]
+
     # -- the encoder hooks ----------------------------------------------------------------------
     def begin(self, h: torch.Tensor, encoder: nn.Module) -> _Ctx:
         info = encoder.info

@@ -119,7 +119,8 @@ class LMMModule(L.LightningModule):
         info = self.model.encoder.info
         step_flops = batch_flops(self.shape, out.lengths, out.visual_in, out.seen, out.targets_per_sample,
                                  trainable=self.train_parts,
-                                 extra_per_image=self.model.compressor.own_flops(info.num_patches))
+                                 extra_per_image=self.model.compressor.own_flops(info.num_patches),
+                                 vision_tokens_per_layer=self.model.compressor.encoder_tokens(info.num_patches))
         self.flops_cum += step_flops * self.trainer.world_size
         self.log("train/tflops_step", step_flops / 1e12, batch_size=bs)
         self.log("train/tflops_cum", self.flops_cum / 1e12, batch_size=bs)
