@@ -263,13 +263,15 @@ def allocator_peak_bytes(fn) -> int:
 def step_flops(model, outs, trainable=TRAIN_PARTS) -> float:
     """Analytic training-step FLOPs of what the step ran: ``vtc.accounting.batch_flops`` of each
     recorded forward (measured token counts per sample and per LLM layer), plus the compressor's
-    ``own_flops``, summed over the forwards (M3: one per scale)."""
+    ``own_flops`` and an in-encoder method's smaller tower (ToMe), summed over the forwards (M3:
+    one per scale)."""
     from vtc.accounting import batch_flops, model_shape
 
     shape = model_shape(model)
     n = model.encoder.info.num_patches
     return sum(batch_flops(shape, o.lengths, o.visual_in, o.seen, o.targets_per_sample, trainable=tuple(trainable),
-                           extra_per_image=model.compressor.own_flops(n)) for o in outs)
+                           extra_per_image=model.compressor.own_flops(n),
+                           vision_tokens_per_layer=model.compressor.encoder_tokens(n)) for o in outs)
 
 
 def attention_flops(model, outs, train_multiplier: int = 3) -> float:
@@ -285,25 +287,6 @@ def attention_flops(model, outs, train_multiplier: int = 3) -> float:
             n = (text + layer_counts).double()
             total += float((2 * 2 * n * n * d_q).sum())
     return train_multiplier * total
-
-
-def tome_vision_correction(model, n_images: int) -> float:
-    """FLOPs the ToMe encoder saves that ``batch_flops`` does not see: it counts every encoder
-    layer at the full 577 tokens. Uses ``ToMe.encoder_tokens_per_layer`` (tokens each block's
-    attention sees; its MLP already sees r fewer, so this slightly under-counts the saving). The
-    encoder is frozen with nothing trainable before it: 1x forward. Negative (a saving)."""
-    from vtc.accounting import model_shape
-    from vtc.flops import forward_flops
-
-    comp = model.compressor
-    if comp.site != "vision" or not hasattr(comp, "encoder_tokens_per_layer"):
-        return 0.0
-    shape = model_shape(model)
-    zeros = [0] * shape.llm_layers
-    merged = forward_flops(shape, 0, zeros, vision_tokens_per_layer=comp.encoder_tokens_per_layer(
-        model.encoder.info.num_patches), projector_tokens=0)["vision"]
-    full = forward_flops(shape, 0, zeros, projector_tokens=0)["vision"]
-    return (merged - full) * n_images
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -360,4 +343,4 @@ def sizes_dict(s: Sizes) -> dict:
 
 __all__ = ["Sizes", "QUICK", "replace", "build_lmm", "load_compressor", "compressor_names", "make_batch",
            "expand_for_hf", "train_step", "recording_forwards", "timed", "median", "allocator_peak_bytes",
-           "step_flops", "tome_vision_correction", "write_outputs", "md_table", "environment", "optimizer"]
+           "step_flops", "write_outputs", "md_table", "environment", "optimizer"]

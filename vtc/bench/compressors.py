@@ -29,8 +29,7 @@ Measured, in one process:
     counted; activations, gradients and temporaries are). The same measure for every method.
   * analytic FLOPs of the step: ``vtc.accounting.batch_flops`` of every forward the step ran
     (measured token counts per sample and per LLM layer; trainable = projector, compressor, llm;
-    compressor ``own_flops`` included), plus, for ToMe, the encoder saving that ``batch_flops``
-    does not model (``common.tome_vision_correction``).
+    compressor ``own_flops`` and ToMe's merged encoder blocks included).
 """
 from __future__ import annotations
 
@@ -326,7 +325,7 @@ def _run(sizes, repeats, warmup, names, with_hf, profile_hf, hf_pairs, log) -> d
         with C.recording_forwards(e.model) as outs:
             e.step()
         n_img = int((batch["image_index"] >= 0).sum())
-        fl = C.step_flops(e.model, outs) + C.tome_vision_correction(e.model, n_img)
+        fl = C.step_flops(e.model, outs)
         has = outs[0].visual_in > 0
         comp = e.model.compressor
         own_fl = comp.own_flops(e.model.encoder.info.num_patches) * n_img * len(outs)
