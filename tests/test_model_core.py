@@ -138,3 +138,35 @@ def test_real_size_parameter_counts_on_meta():
     assert count(vicuna) == pytest.approx(6.738e9, rel=0.002)
     assert count(proj) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert clip.info.grid == 24 and clip.info.num_patches == 576
+
+
+def test_seqstate_select_matches_per_sample_boolean_indexing():
+    """SeqState.select's batched gather against the plain per-sample version: same fields, same
+    right padding, gradients flow to the kept hidden states only."""
+    from vtc.data.batch import IGNORE_INDEX
+    from vtc.model.sequence import SeqState
+
+    g = torch.Generator().manual_seed(0)
+    B, T, d = 3, 9, 4
+    lengths = torch.tensor([9, 6, 7])
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    hidden = torch.randn(B, T, d, generator=g, requires_grad=True)
+    state = SeqState(hidden=hidden, attention_mask=mask, position_ids=torch.arange(T).repeat(B, 1),
+                     visual_mask=torch.rand(B, T, generator=g) < 0.5,
+                     targets=torch.randint(0, 50, (B, T), generator=g), query_index=lengths - 1)
+    keep = torch.rand(B, T, generator=g) < 0.6
+    keep[torch.arange(B), lengths - 1] = True
+    out = state.select(keep)
+    k = keep & mask.bool()
+    width = int(k.sum(1).max())
+    for b in range(B):
+        n = int(k[b].sum())
+        assert out.attention_mask[b].tolist() == [1] * n + [0] * (width - n)
+        assert torch.equal(out.hidden[b, :n], hidden[b][k[b]]) and not out.hidden[b, n:].any()
+        assert out.position_ids[b, :n].tolist() == torch.arange(T)[k[b]].tolist()
+        assert out.visual_mask[b, :n].tolist() == state.visual_mask[b][k[b]].tolist()
+        assert out.targets[b, :n].tolist() == state.targets[b][k[b]].tolist()
+        assert (out.targets[b, n:] == IGNORE_INDEX).all() and not out.visual_mask[b, n:].any()
+        assert out.query_index[b] == n - 1
+    out.hidden.sum().backward()
+    assert torch.equal(hidden.grad, k[..., None].expand(-1, -1, d).float())

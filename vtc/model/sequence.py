@@ -45,21 +45,28 @@ class SeqState:
         if not bool(keep.gather(1, self.query_index[:, None]).all()):
             raise RuntimeError("a compressor dropped the query token; text tokens must be kept")
         new_index = keep.long().cumsum(1) - 1
-        fields = {}
-        for name in ("hidden", "position_ids", "visual_mask", "targets"):
-            t = getattr(self, name)
+        # One batched gather instead of B boolean-mask indexings per field (those were a third of
+        # DART's compressor time, forward and backward): a stable sort puts each row's kept
+        # positions first, in order; the first max-count columns are the new, right-padded layout.
+        counts = keep.sum(1)
+        width = int(counts.max()) if keep.shape[0] else 0
+        idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+
+        def take(t: torch.Tensor | None, pad):
             if t is None:
-                fields[name] = None
-                continue
-            pad = IGNORE_INDEX if name == "targets" else 0
-            fields[name] = pad_stack([t[b][keep[b]] for b in range(t.shape[0])], pad)
-        mask = pad_stack([torch.ones(int(k.sum()), dtype=torch.long, device=keep.device) for k in keep], 0)
+                return None
+            if t.dim() == 3:
+                out = t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+                return out.masked_fill(~valid[..., None], pad)
+            return t.gather(1, idx).masked_fill(~valid, pad)
+
         return SeqState(
-            hidden=fields["hidden"],
-            attention_mask=mask,
-            position_ids=fields["position_ids"],
-            visual_mask=fields["visual_mask"].bool(),
-            targets=fields["targets"],
+            hidden=take(self.hidden, 0.0),
+            attention_mask=valid.long(),
+            position_ids=take(self.position_ids, 0),
+            visual_mask=take(self.visual_mask, False),
+            targets=take(self.targets, IGNORE_INDEX),
             query_index=new_index.gather(1, self.query_index[:, None]).squeeze(1),
         )
 
