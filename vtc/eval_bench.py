@@ -206,9 +206,12 @@ def primary_metric(name: str, metrics: dict) -> float | None:
     return metrics.get(key)
 
 
-def model_id_of(ckpt_path: str) -> str:
-    """``<run dir name>`` for ``<run dir>/checkpoints/x.ckpt``, else the checkpoint's stem."""
-    p = Path(ckpt_path).resolve()
+def model_id_of(source: str) -> str:
+    """``<run dir name>`` for ``<run dir>/checkpoints/x.ckpt``, a model directory's name
+    (``model.init_from``: ``llava-1.5-7b-hf``, whose dots are no suffix), else the checkpoint's stem."""
+    p = Path(source).resolve()
+    if p.is_dir():
+        return p.name
     return p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
 
 
@@ -276,7 +279,8 @@ def run_benchmark(spec: dict, cfg: DictConfig, module, datamodule, loggers, mete
     """eval.py with ``benchmark=<LLaVA benchmark>``: answers file (an artifact), ``<name>/*`` and
     ``cost/*`` metrics, the run closed; returns the benchmark's headline number."""
     name = spec["name"]
-    model_id = spec.get("model_id") or model_id_of(cfg.ckpt_path)
+    source = cfg.get("ckpt_path") or OmegaConf.select(cfg, "model.init_from")
+    model_id = spec.get("model_id") or model_id_of(source)
     with meter:
         metrics, path = evaluate_benchmark(spec, cfg, module, datamodule, model_id)
     log_metrics(loggers, metrics)

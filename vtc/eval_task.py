@@ -1,5 +1,6 @@
-"""The evaluation task behind ``eval.py``: rebuild a trained model, optionally swap its
-compressor (training-free compression), generate answers, score, log to MLflow."""
+"""The evaluation task behind ``eval.py``: rebuild a trained model (``ckpt_path``) or a released
+LLaVA directory (``model.init_from``, :mod:`vtc.eval_init_from`), optionally swap its compressor
+(training-free compression), generate answers, score, log to MLflow."""
 from __future__ import annotations
 
 import logging
@@ -28,16 +29,9 @@ def load_checkpoint(path: str) -> dict:
 
 def eval_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
     """The training config from the checkpoint with this evaluation's choices on top."""
-    train_cfg = OmegaConf.create(ckpt["vtc"]["config"])
-    if cfg.get("compressor") is not None:
-        train_cfg.compressor = cfg.compressor
-    if cfg.get("override"):
-        train_cfg = OmegaConf.merge(train_cfg, cfg.override)
-    if cfg.get("max_new_tokens"):
-        train_cfg.generation.max_new_tokens = cfg.max_new_tokens
-    if cfg.get("eval_batch_size"):
-        train_cfg.data.eval_batch_size = cfg.eval_batch_size
-    return train_cfg
+    from vtc.eval_init_from import apply_eval_choices
+
+    return apply_eval_choices(cfg, OmegaConf.create(ckpt["vtc"]["config"]))
 
 
 def load_weights(module, state_dict: dict, compressor_changed: bool) -> None:
@@ -58,33 +52,45 @@ def load_weights(module, state_dict: dict, compressor_changed: bool) -> None:
 
 
 def evaluate(cfg: DictConfig) -> float | None:
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    run_cfg = eval_config(cfg, ckpt)
+    from vtc.eval_init_from import check_zero_shot, eval_source, init_from_config, prompt_settings
+
+    kind, source = eval_source(cfg)  # exactly one of ckpt_path / model.init_from
+    ckpt = None
+    if kind == "ckpt":
+        ckpt = load_checkpoint(source)
+        run_cfg = eval_config(cfg, ckpt)
+    else:
+        run_cfg = init_from_config(cfg)
     OmegaConf.set_struct(run_cfg, False)
     run_cfg.paths = cfg.paths
-    check_config(run_cfg)
+    info, _ = check_config(run_cfg)
     from vtc.eval_bench import benchmark_spec
 
     bench = benchmark_spec(cfg)  # a LLaVA benchmark's files, checked before anything is built
+    if ckpt is None:
+        check_zero_shot(run_cfg, bench, info)
 
     from vtc.data.tokenizer import load_tokenizer
     from vtc.tracking import ensure_experiment, log_config, parent_tags
     from vtc.train_task import build_datamodule, build_module, write_predictions
 
     tokenizer = load_tokenizer(run_cfg.llm.tokenizer_path)
-    module = build_module(run_cfg, tokenizer)
-    load_weights(module, ckpt["state_dict"], compressor_changed=cfg.get("compressor") is not None)
-    datamodule = build_datamodule(run_cfg)
+    module = build_module(run_cfg, tokenizer)  # init_from: the weights are read from the directory here
+    if ckpt is not None:
+        load_weights(module, ckpt["state_dict"], compressor_changed=cfg.get("compressor") is not None)
+    # A LLaVA benchmark only needs the prompt and image settings; a released model has no data split.
+    datamodule = prompt_settings(run_cfg) if ckpt is None and bench is not None else build_datamodule(run_cfg)
 
     loggers = []
     if cfg.get("logger") and cfg.logger.get("mlflow"):
         kw = OmegaConf.to_container(cfg.logger.mlflow, resolve=True)
         ensure_experiment(kw["tracking_uri"], kw["experiment_name"])
-        kw["tags"] = {
-            **parent_tags(),
-            "vtc.source_run_id": ckpt["vtc"].get("mlflow_run_id") or "",
-            "vtc.ckpt_path": os.path.abspath(cfg.ckpt_path),
-        }
+        kw["tags"] = {**parent_tags(), "vtc.source": os.path.abspath(source)}
+        if ckpt is not None:
+            kw["tags"].update({"vtc.source_run_id": ckpt["vtc"].get("mlflow_run_id") or "",
+                               "vtc.ckpt_path": os.path.abspath(source)})
+        else:  # a released model: no training run to point at
+            kw["tags"]["vtc.init_from"] = os.path.abspath(source)
         loggers.append(instantiate(kw))
     trainer = L.Trainer(logger=loggers or False, enable_checkpointing=False, enable_model_summary=False,
                         **OmegaConf.to_container(cfg.trainer, resolve=True))

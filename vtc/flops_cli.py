@@ -5,6 +5,10 @@ nothing), applies the compressor's token accounting, and prints one row per comp
 (``compressors=none,pool,vcc``; default: the configured one and ``none`` for reference).
 
     python -m vtc.flops encoder=clip_l14_336 llm=vicuna_7b compressors=none,pool,stf,fastv,vcc
+    python -m vtc.flops model.init_from=/models/llava-1.5-7b-hf compressors=none,pool,vcc
+
+With ``model.init_from=DIR`` (+ ``model.vision_tower_path`` for original-LLaVA directories) the
+shapes are those of the released model, read from its config files only (no weight is opened).
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ def build_meta(cfg, compressor_cfg):
     llm_kw = node_kwargs(cfg.llm, drop=("tokenizer_path",))
     llm_kw["config"].setdefault("vocab_size", 32000)
     llm_kw["attn_implementation"] = "sdpa"
+    # Plain dicts for the builders: a released model's config has nested fields (rope_parameters)
+    # that transformers' strict config classes refuse as DictConfig.
+    enc_kw["_convert_"] = llm_kw["_convert_"] = "all"
     with torch.device("meta"):
         encoder = instantiate(enc_kw)
         llm = instantiate(llm_kw)
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None) -> str:
             overrides.append(a)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    from vtc.interop.llava import resolve_init_from
+
+    resolve_init_from(cfg)  # model.init_from: encoder/llm/projector from the directory's configs
     names = names or ["none", "configured"]
     table = format_table(rows_for(cfg, names, text_tokens))
     header = (f"Forward FLOPs per sample (FLOPs = 2 x MACs; prefill: {text_tokens} text tokens, logits for "
