@@ -126,6 +126,38 @@ def test_answers_without_compression_equal_transformers_greedy(workspace, dirs, 
     assert pooled != ours  # the visual tokens steer these answers, so the images are part of the comparison
 
 
+def write_llava_shards(root: Path) -> Path:
+    """Four LLaVA-format test samples converted to a webdataset shard (vtc.data.convert)."""
+    from vtc.data.convert import convert
+
+    rows = []
+    for i, (im, (size, colour)) in enumerate(IMAGES.items()):
+        _img(root / "images" / f"{im}.jpg", size, colour=colour)
+        rows.append({"id": f"s{i}", "image": f"{im}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the picture ?"}, {"from": "gpt", "value": "a cat"}]})
+    _json(root / "test.json", rows)
+    convert(root / "test.json", root / "images", root / "shards", progress=False, summary=False)
+    return next((root / "shards").glob("*.tar"))
+
+
+def test_data_override_gives_a_test_split_with_test_metrics(workspace, dirs, tmp_path):  # noqa: F811
+    """Without a LLaVA benchmark, +override.data.test_shards=<LLaVA shards> is the test split:
+    test/* metrics (visual tokens a quarter under pool 2) and predictions.jsonl, in-process."""
+    from vtc.eval_task import evaluate
+
+    shard = write_llava_shards(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = eval_cfg(out, f"model.init_from={dirs['hf']}", f"+override.data.test_shards={shard}", "compressor=pool",
+                   "logger=mlflow", f"logger.mlflow.tracking_uri={workspace.env['MLFLOW_TRACKING_URI']}",
+                   "logger.mlflow.run_name=zero-shot-shards", "cost.measure=false")
+    evaluate(cfg)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == len(IMAGES)
+    run = next(r for r in workspace.runs("eval") if r.data.tags.get("mlflow.runName") == "zero-shot-shards")
+    m = run.data.metrics
+    assert m["test/visual_tokens"] == N // 4 and 0.0 <= m["test/acc"] <= 1.0
+    assert run.data.tags["vtc.init_from"] == dirs["hf"] and run.data.params["data.test_shards"] == str(shard)
+
+
 # -- refused before anything is built -------------------------------------------------------------
 def eval_cfg(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
