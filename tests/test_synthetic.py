@@ -134,12 +134,24 @@ def _check_record(rec: dict) -> None:
     assert human["from"] == "human" and gpt["from"] == "gpt"
     assert human["value"].startswith("<image>\n") and human["value"].endswith("\n" + SUFFIX)
     question = human["value"].split("\n")[1]
-    answer = gpt["value"]
+    assert _qa_type(question) == rec["question_type"]
+    _check_qa(grid, question, gpt["value"])
+
+
+def _qa_type(question: str) -> str:
+    if question.startswith("What digit is in row"):
+        return "cell"
+    return "count" if question.startswith("How many") else "relation"
+
+
+def _check_qa(grid: np.ndarray, question: str, answer: str) -> None:
+    """The answer to one question about ``grid``, recomputed from the question text."""
     assert answer and " " not in answer
-    if rec["question_type"] == "cell":
+    qtype = _qa_type(question)
+    if qtype == "cell":
         r, c = (int(x) - 1 for x in re.fullmatch(r"What digit is in row (\d), column (\d)\?", question).groups())
         assert answer == ("none" if grid[r, c] == -1 else str(grid[r, c]))
-    elif rec["question_type"] == "count":
+    elif qtype == "count":
         d = int(re.fullmatch(r"How many (\d)s are there\?", question).group(1))
         assert answer == str(int((grid == d).sum()))
     else:
@@ -149,6 +161,37 @@ def _check_record(rec: dict) -> None:
         dr, dc = {"to the right of": (0, 1), "to the left of": (0, -1), "below": (1, 0), "above": (-1, 0)}[phrase]
         v = grid[r + dr, c + dc]
         assert answer == ("none" if v == -1 else str(v))
+
+
+def test_multi_turn_training_conversations(small, tmp_path):
+    """train_turns=3: every training conversation has three rounds about its board (answers
+    recomputed, no question asked twice); the image and first round are those of train_turns=1,
+    and val/test are unchanged (one round), so priors and benchmarks do not move."""
+    import webdataset as wds
+
+    root, stats = small
+    multi = tmp_path / "m"
+    mstats = generate(multi, workers=1, verbose=False, train_turns=3, **SMALL)
+    assert mstats["splits"] == stats["splits"] and mstats["params"]["train_turns"] == 3
+    def read(r, split):
+        return list(wds.WebDataset(sorted(str(p) for p in (r / split).glob("*.tar")), shardshuffle=False,
+                                   empty_check=False))
+
+    for split in ("val", "test"):
+        assert [(s["jpg"], s["json"]) for s in read(multi, split)] == [(s["jpg"], s["json"]) for s in read(root, split)]
+    for one, three in zip(read(root, "train"), read(multi, "train"), strict=True):
+        assert one["jpg"] == three["jpg"]
+        r1, r3 = json.loads(one["json"]), json.loads(three["json"])
+        conv = r3["conversations"]
+        assert conv[:2] == r1["conversations"] and len(conv) == 6
+        assert [t["from"] for t in conv] == ["human", "gpt"] * 3
+        questions = [t["value"] for t in conv[0::2]]
+        assert len(set(questions)) == 3 and all("<image>" not in q for q in questions[1:])
+        for q, a in zip(questions[1:], conv[3::2]):
+            assert q.endswith("\n" + SUFFIX)
+            _check_qa(np.array(r3["grid"]), q.split("\n")[0], a["value"])
+    with pytest.raises(ValueError, match="train_turns"):
+        generate(tmp_path / "bad", workers=1, verbose=False, train_turns=0, **SMALL)
 
 
 def test_shards_readable_by_tarfile_and_webdataset(small):

@@ -31,6 +31,7 @@ def ensure_data(cfg: DictConfig) -> None:
             n_test=gen.n_test,
             image_size=gen.image_size,
             grid=gen.grid,
+            train_turns=gen.get("train_turns", 1),
         )
 
 

@@ -177,6 +177,44 @@ def _relation_question(rng, grid):
 _QUESTIONS = {"cell": _cell_question, "count": _count_question, "relation": _relation_question}
 
 
+def _ask_about(rng, board: np.ndarray, qtype: str) -> tuple[str, str] | None:
+    """A question of ``qtype`` about an existing ``board`` (None: no relation anchor on it)."""
+    grid = board.shape[0]
+    if qtype == "cell":
+        r, c = (int(x) for x in rng.integers(0, grid, size=2))
+        v = int(board[r, c])
+        return f"What digit is in row {r + 1}, column {c + 1}?", "none" if v == EMPTY else str(v)
+    if qtype == "count":
+        digit = int(rng.integers(0, 10))
+        return f"How many {digit}s are there?", str(int((board == digit).sum()))
+    counts = Counter(int(v) for v in board.ravel())
+    cands = [(r, c, name) for name, (dr, dc, _) in DIRECTIONS.items() for r in range(grid) for c in range(grid)
+             if board[r, c] != EMPTY and counts[int(board[r, c])] == 1 and 0 <= r + dr < grid and 0 <= c + dc < grid]
+    if not cands:
+        return None
+    r, c, name = cands[int(rng.integers(0, len(cands)))]
+    dr, dc, phrase = DIRECTIONS[name]
+    v = int(board[r + dr, c + dc])
+    return f"What digit is {phrase} the {int(board[r, c])}?", "none" if v == EMPTY else str(v)
+
+
+def follow_up_turns(rng, board: np.ndarray, first_question: str, n: int, mix: dict[str, float]) -> list[dict]:
+    """``n`` more question/answer rounds about the same board (types drawn from ``mix``, no
+    question repeated), as LLaVA-1.5's instruction mix groups the VQA questions of one image into
+    one multi-turn conversation."""
+    types, probs = list(mix), np.array(list(mix.values()))
+    asked, turns = {first_question}, []
+    for _ in range(8 * n):
+        if len(turns) == 2 * n:
+            break
+        qa = _ask_about(rng, board, types[int(rng.choice(len(types), p=probs))])
+        if qa is None or qa[0] in asked:
+            continue
+        asked.add(qa[0])
+        turns += [{"from": "human", "value": f"{qa[0]}\n{SUFFIX}"}, {"from": "gpt", "value": qa[1]}]
+    return turns
+
+
 def render_board(
     rng: np.random.Generator, board: np.ndarray, pool: dict[int, np.ndarray], image_size: int
 ) -> Image.Image:
@@ -215,8 +253,11 @@ def render_board(
     return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
 
 
-def make_sample(rng, key: str, qtype: str, grid: int, pool, image_size: int) -> tuple[bytes, dict]:
-    """One sample: JPEG bytes and its JSON record."""
+def make_sample(rng, key: str, qtype: str, grid: int, pool, image_size: int,
+                turns: int = 1, turn_rng=None) -> tuple[bytes, dict]:
+    """One sample: JPEG bytes and its JSON record. ``turns > 1``: the first question (of type
+    ``qtype``; the board is drawn for it) is followed by ``turns - 1`` more about the same board,
+    drawn from ``turn_rng`` so the first question and the image do not depend on ``turns``."""
     board, question, answer = _QUESTIONS[qtype](rng, grid)
     img = render_board(rng, board, pool, image_size)
     buf = io.BytesIO()
@@ -231,6 +272,8 @@ def make_sample(rng, key: str, qtype: str, grid: int, pool, image_size: int) -> 
         "question_type": qtype,
         "grid": [[int(v) for v in row] for row in board],
     }
+    if turns > 1:
+        record["conversations"] += follow_up_turns(turn_rng, board, question, turns - 1, question_mix(grid))
     return buf.getvalue(), record
 
 
@@ -253,6 +296,8 @@ def _write_shard(job: dict) -> dict:
     grid, image_size = job["grid"], job["image_size"]
     pool = source_pools(job["seed"])[split]
     rng = np.random.default_rng([job["seed"], _SPLIT_CODE[split], shard])
+    turn_rng = np.random.default_rng([job["seed"], _SPLIT_CODE[split], shard, 1])
+    turns = job.get("turns", 1)
     mix = question_mix(grid)
     types, probs = list(mix), np.array(list(mix.values()))
     answers: dict[str, Counter] = {t: Counter() for t in types}
@@ -261,7 +306,7 @@ def _write_shard(job: dict) -> dict:
         for i in range(start, start + count):
             key = f"{split}_{i:06d}"
             qtype = types[int(rng.choice(len(types), p=probs))]
-            jpg, record = make_sample(rng, key, qtype, grid, pool, image_size)
+            jpg, record = make_sample(rng, key, qtype, grid, pool, image_size, turns, turn_rng)
             _add_member(tar, f"{key}.jpg", jpg)
             _add_member(tar, f"{key}.json", json.dumps(record).encode("utf-8"))
             answers[qtype][record["conversations"][1]["value"]] += 1
@@ -312,20 +357,27 @@ def generate(
     shard_size: int = 2000,
     workers: int | None = None,
     verbose: bool = True,
+    train_turns: int = 1,
 ) -> dict:
     """Generate the benchmark into ``out_dir`` (replacing an earlier generated one); see module doc.
+
+    ``train_turns``: question/answer rounds per training conversation (val and test keep one, the
+    benchmark's format); priors count the first question of each sample only.
 
     Returns the statistics also saved in ``meta.json``: ``params``, ``splits[split]`` =
     ``{n, overall_prior, types: {qtype: {n, majority, prior}}}``,
     ``test_prior_from_train_majority`` and ``seconds``.
     """
+    if int(train_turns) < 1:
+        raise ValueError(f"train_turns must be >= 1, got {train_turns}")
     if grid < 1 or image_size < 4 * grid or shard_size < 1:
         raise ValueError(f"need grid >= 1, image_size >= 4*grid, shard_size >= 1 (got {grid}, {image_size}, {shard_size})")
     sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if min(sizes.values()) < 0:
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
     params = {"seed": int(seed), "n_train": sizes["train"], "n_val": sizes["val"], "n_test": sizes["test"],
-              "image_size": int(image_size), "grid": int(grid), "shard_size": int(shard_size)}
+              "image_size": int(image_size), "grid": int(grid), "shard_size": int(shard_size),
+              "train_turns": int(train_turns)}
     out = Path(out_dir)
     if out.exists() and not _replaceable(out):
         raise FileExistsError(f"{out} exists and does not look like a generated benchmark; not overwriting it")
@@ -344,7 +396,8 @@ def generate(
                 shards.append({"path": name, "count": count})
                 jobs.append({"split": split, "shard": shard, "start": start, "count": count,
                              "path": str(tmp / split / name), "seed": int(seed), "grid": int(grid),
-                             "image_size": int(image_size)})
+                             "image_size": int(image_size),
+                             "turns": int(train_turns) if split == "train" else 1})
             index[split] = {"shards": shards, "total": sizes[split]}
         workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, int(workers))
         workers = min(workers, max(1, len(jobs)))
@@ -424,11 +477,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--grid", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=2000)
+    p.add_argument("--train-turns", type=int, default=1, help="question rounds per training conversation")
     p.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 8)")
     p.add_argument("--force", action="store_true", help="regenerate even when DONE exists")
     a = p.parse_args(argv)
     kw = dict(seed=a.seed, n_train=a.train, n_val=a.val, n_test=a.test, image_size=a.image_size,
-              grid=a.grid, shard_size=a.shard_size, workers=a.workers)
+              grid=a.grid, shard_size=a.shard_size, workers=a.workers, train_turns=a.train_turns)
     if a.force or not (Path(a.out) / "DONE").exists():
         return generate(a.out, **kw)
     stats = ensure_synthetic(a.out, **{k: v for k, v in kw.items() if k != "workers"})
