@@ -108,3 +108,28 @@ def test_curriculum_savings(curriculum):
     assert 0 < curriculum["analytic_saving"] < 1
     assert math.isfinite(curriculum["measured_saving"])
     assert set(curriculum["wall_s"]) == {"llavolta", "none"}
+
+
+def test_gpu_step_without_cuda_exits_2_with_a_message(monkeypatch, capsys):
+    from vtc.bench import gpu_step
+
+    monkeypatch.setattr(gpu_step.torch.cuda, "is_available", lambda: False)
+    assert gpu_step.main(["--compressors", "none"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_step_mfu_arithmetic_and_peaks():
+    from vtc.bench.gpu_step import UnknownPeak, mfu, peak_bf16_flops
+
+    # 4.945e14 FLOPs in 1.25 s on a 989 TFLOP/s part: 3.956e14 FLOP/s, exactly 40%.
+    assert mfu(4.945e14, 1.25, 989e12) == pytest.approx(0.4, rel=1e-12)
+    assert mfu(1e12, 0.5, 312e12) == pytest.approx(2e12 / 312e12)
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe", override=756e12) == 756e12
+    for unknown in ("NVIDIA H100 PCIe", "NVIDIA GeForce RTX 4090"):
+        with pytest.raises(UnknownPeak, match="--peak"):
+            peak_bf16_flops(unknown)
+    with pytest.raises(ValueError):
+        mfu(1e12, 0.0, 989e12)
