@@ -532,23 +532,31 @@ def test_init_from_rewrites_the_config_and_builds_the_same_model(dirs):
                                                "compressor.stride=3")))
 
 
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 @pytest.mark.slow
 def test_train_eval_export_through_the_clis(workspace, dirs, tmp_path):
-    """train.py from a Llava directory with pool, eval.py of its checkpoint, then
-    python -m vtc.export (auto -> hf, --check) that transformers loads with equal logits."""
+    """train.py from a Llava directory with pool, then python -m vtc.export (auto -> hf, --check)
+    that transformers loads with equal logits, and eval.py of the checkpoint and of the export
+    (model.init_from=EXPORT) on the same test shards: the same answer to every sample, the same
+    test/acc and test/loss."""
     import subprocess
     import sys
+    from pathlib import Path
 
     from transformers import LlavaForConditionalGeneration
 
     from vtc.interop.export import load_trained
+    from vtc.metrics.exact_match import ExactMatchAccuracy
 
     run_dir = tmp_path / "run"
     workspace.run("train.py", f"model.init_from={dirs['hf']}", "compressor=pool", "compressor.stride=2",
                   "trainer.max_steps=2", "test=false", f"hydra.run.dir={run_dir}")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    workspace.run("eval.py", f"ckpt_path={ckpt}", "trainer.limit_test_batches=1", tiny=False)
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "vtc.export", "--ckpt", str(ckpt), "--out", str(out), "--check"],
                           cwd=ROOT,
@@ -560,6 +568,43 @@ def test_train_eval_export_through_the_clis(workspace, dirs, tmp_path):
     model.compressor = NoCompression()
     assert diff(model, hf, tok) < TOL
     assert json.load(open(out / "vtc_export.json"))["compressor"]["_target_"].endswith("AvgPool2d")
+
+    # eval.py of the checkpoint and of the export agree sample by sample. A real check: the two share
+    # no loading code (a Lightning checkpoint's state dict + its stored run config, vs the transformers
+    # Llava directory read by vtc.interop with the tokenizer and image settings written by the export),
+    # and each builds its own run config (the checkpoint's stored one vs train.yaml + data=llava +
+    # the directory's geometry). Like with like: the hf export dropped the compressor (Llava runs
+    # uncompressed), so the export is evaluated with the pool 2 the checkpoint was trained and is
+    # evaluated with; both read the synthetic test split's shards, given by the same override.
+    # The tiny Llava's 24-word vocabulary has no digits, so test/acc is 0 in both (measured); the
+    # generated texts (several distinct ones) and the teacher-forced test/loss carry the comparison.
+    root = Path(cfg.data.root)
+    shards = sorted(str(p) for p in (root / "test").glob("*.tar"))
+    n = json.load(open(root / "test" / "index.json"))["total"]
+    assert shards and n == 32  # TINY's data.generate.n_test
+    same = [f"+override.data.test_shards=[{','.join(shards)}]", "eval_batch_size=16", "cost.measure=false"]
+    evals = {"ckpt": tmp_path / "eval_ckpt", "export": tmp_path / "eval_export"}
+    workspace.run("eval.py", f"ckpt_path={ckpt}", *same, f"hydra.run.dir={evals['ckpt']}", tiny=False)
+    workspace.run("eval.py", f"model.init_from={out}", "compressor=pool", "compressor.stride=2", *same,
+                  f"hydra.run.dir={evals['export']}", tiny=False)
+    preds = {k: read_jsonl(d / "predictions.jsonl") for k, d in evals.items()}
+    assert len(preds["ckpt"]) == n and [p["question_id"] for p in preds["ckpt"]] == sorted(
+        p["question_id"] for p in preds["ckpt"])
+    assert preds["export"] == preds["ckpt"]  # question id, type, generated text and reference answer
+    assert len({p["text"] for p in preds["ckpt"]}) > 1  # not one constant answer: the comparison sees the inputs
+    runs = {k: [r for r in workspace.runs("eval") if r.data.tags.get("vtc.source") == os.path.abspath(src)]
+            for k, src in (("ckpt", ckpt), ("export", out))}
+    assert all(len(r) == 1 for r in runs.values()), {k: len(r) for k, r in runs.items()}
+    ckpt_run, export_run = runs["ckpt"][0], runs["export"][0]
+    assert export_run.data.tags["vtc.init_from"] == os.path.abspath(out) and "vtc.ckpt_path" in ckpt_run.data.tags
+    for key in ("compressor._target_", "compressor.stride"):
+        assert export_run.data.params[key] == ckpt_run.data.params[key], key
+    m1, m2 = ckpt_run.data.metrics, export_run.data.metrics
+    metric = ExactMatchAccuracy()  # the normalised exact match that test/acc logs
+    metric.update([p["text"] for p in preds["ckpt"]], [p["answer"] for p in preds["ckpt"]])
+    assert m1["test/acc"] == m2["test/acc"] == pytest.approx(float(metric.compute()))
+    assert m1["test/visual_tokens"] == m2["test/visual_tokens"] == N // 4  # pooled 4x4 -> 2x2 in both
+    assert m2["test/loss"] == pytest.approx(m1["test/loss"], abs=TOL)  # teacher-forced, all 32 answers
 
 
 def test_export_cli_writes_vtc_for_stf_and_init_from_reads_it_back(dirs, tmp_path):
