@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--llm-layers", type=int, default=None,
+                   help="LLM depth (default 8); the compressor's own share of a step falls with depth")
+    p.add_argument("--vision-width", type=int, default=None, help="vision encoder width (default 128)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on shared cores 2 OpenMP threads wait on each other, see README)")
     p.add_argument("--only", default=None, help="comma-separated compressor names (none is always added)")
@@ -557,6 +560,10 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = C.QUICK if a.quick else SIZES
     if a.batch:
         sizes = C.replace(sizes, batch=a.batch)
+    if a.llm_layers:
+        sizes = C.replace(sizes, llm_layers=a.llm_layers)
+    if a.vision_width:
+        sizes = C.replace(sizes, vision_width=a.vision_width, vision_mlp=4 * a.vision_width)
     repeats = a.repeats or (1 if a.quick else 9)
     hf_pairs = a.hf_pairs or (1 if a.quick else 10)
     warmup = a.warmup or (1 if a.quick else 2)
