@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs report
+.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ eval: setup
 ## Report from MLflow: make report ARGS="--experiment train [--parent RUN_ID] [--out DIR]"
 report: setup
 	$(PY) -m vtc.report $(ARGS)
+
+## Study llavolta_fig1 (experiments/llavolta_fig1/README.md): train 3 seeds uncompressed, eval with
+## test-time pooling at strides 1,2,4,8, report: make study-fig1 ARGS="[--seeds 0,1] [-- overrides]"
+study-fig1: setup
+	$(PY) -m vtc.study llavolta_fig1 $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only.
 mlflow: setup

@@ -169,3 +169,36 @@ def test_report_of_eval_runs_benchmark_headlines_and_cost(tmp_path):
     none = next(v for k, v in by_label.items() if "pope" in k and "none" in k)
     assert pool["pareto"]["tflops"] and none["pareto"]["tflops"]  # cheaper-and-worse vs dearer-and-better
     assert "cost/prefill_tflops" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_parent_latest_is_the_newest_sweep_parent(store, tmp_path, capsys):
+    """`--parent latest`: the experiment's newest run tagged vtc.kind=sweep (not a newer plain run)."""
+    uri, client, parent, ids = store
+    from vtc.report import main
+
+    exp = client.get_experiment_by_name("abl").experiment_id
+    old = client.create_run(exp, run_name="older sweep", tags={"vtc.kind": "sweep"}, start_time=1000).info.run_id
+    client.set_terminated(old)
+    client.create_run(exp, run_name="newer plain run")  # newest run, but no sweep parent
+    main(["--experiment", "abl", "--parent", "latest", "--out", str(tmp_path / "latest"), "--tracking-uri", uri])
+    assert f"sweep parent (latest): {parent}" in capsys.readouterr().err
+    js = json.loads((tmp_path / "latest" / "report.json").read_text())
+    assert js["parent"] == parent
+    assert {tuple(sorted(c["run_ids"])) for c in js["configurations"]} == {tuple(sorted(v)) for v in ids.values()}
+    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/report.md"}
+    assert not client.list_artifacts(old)
+
+
+def test_parent_latest_without_a_sweep_is_a_clear_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from vtc.report import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("single", artifact_location=str(tmp_path / "artifacts"))
+    c.set_terminated(c.create_run(exp).info.run_id)
+    with pytest.raises(SystemExit, match=r"no sweep parent run \(tag vtc.kind=sweep\) in experiment 'single'"):
+        main(["--experiment", "single", "--parent", "latest", "--out", str(tmp_path / "x"), "--tracking-uri", uri])
+    with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
+        main(["--experiment", "nope", "--parent", "latest", "--tracking-uri", uri])

@@ -21,7 +21,8 @@ Writes into ``--out`` (default ``reports/<experiment>[-<parent>]``):
   (the history of ``curriculum/stage``; stage 0 when a run has no curriculum).
 
 With ``--parent`` only the children of that run (tag ``mlflow.parentRunId``) are read and the
-files are logged as artifacts of the parent under ``report/``.
+files are logged as artifacts of the parent under ``report/``. ``--parent latest`` is the newest
+sweep parent run (tag ``vtc.kind`` = ``sweep``, by start time) of the experiment.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 
 # Params that never distinguish configurations: the seed (and what interpolates it), paths,
@@ -93,6 +95,24 @@ def metric_value(run, col: str):
     return m.get(col)
 
 
+def latest_parent(client, experiment: str, since_ms: int | None = None) -> str:
+    """The id of the newest sweep parent run (tag ``vtc.kind`` = ``sweep``) of ``experiment``;
+    with ``since_ms``, only one started at or after that time (ms since the epoch) counts."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment named {experiment!r}")
+    filt = "tags.`vtc.kind` = 'sweep'"
+    if since_ms is not None:
+        filt += f" and attributes.start_time >= {int(since_ms)}"
+    runs = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    if not runs:
+        since = f" started since {since_ms} ms" if since_ms is not None else ""
+        raise SystemExit(f"no sweep parent run (tag vtc.kind=sweep){since} in experiment {experiment!r}: "
+                         "sweep parents come from multiruns (`python train.py -m ...` / `python eval.py -m ...`)")
+    return runs[0].info.run_id
+
+
 def fetch_runs(client, experiment: str, parent: str | None) -> list:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -123,7 +143,10 @@ def group_runs(runs) -> list[Group]:
     for g in out:
         d = dict(g.key)
         label = ", ".join(f"{k.removesuffix('._target_')}={short(d.get(k, '–'))}" for k in differing)
-        g.label = label or (g.runs[0].data.tags.get("mlflow.runName") or "all runs")
+        # One configuration: its run's name, or "all runs" when seeds were merged (a run name
+        # such as "seed=0" would misname the row).
+        single = g.runs[0].data.tags.get("mlflow.runName") if len(g.runs) == 1 else None
+        g.label = label or single or "all runs"
     return out
 
 
@@ -303,6 +326,8 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
 
     uri = tracking_uri or default_uri()
     client = MlflowClient(tracking_uri=uri)
+    if parent == "latest":
+        parent = latest_parent(client, experiment)
     runs = fetch_runs(client, experiment, parent)
     if not runs:
         raise SystemExit(f"no runs in experiment {experiment!r}" + (f" under parent {parent}" if parent else ""))
@@ -343,12 +368,16 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vtc.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", required=True, help="MLflow experiment name (train, eval, ...)")
-    ap.add_argument("--parent", default=None, help="sweep parent run id: report its children, log files to it")
+    ap.add_argument("--parent", default=None,
+                    help="sweep parent run id, or `latest` (the experiment's newest sweep parent): report its "
+                         "children, log files to it")
     ap.add_argument("--out", default=None, help="output folder (default reports/<experiment>[-<parent>])")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or the repo's sqlite)")
     ap.add_argument("--metric", default=None, help="accuracy for the Pareto fronts (default test/acc, else val/acc)")
     a = ap.parse_args(argv)
     data = make_report(a.experiment, a.parent, a.out, a.tracking_uri, a.metric)
+    if a.parent == "latest":
+        print(f"sweep parent (latest): {data['parent']}", file=sys.stderr)
     print("\n".join(data["files"]))
 
 
