@@ -10,6 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
 
+def compose_conf(name: str, overrides=(), hydra_config: bool = False) -> DictConfig:
+    """``name`` (train / eval) composed from vtc's conf directory outside a running Hydra app."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
+
+
 SWEEP_MARKS = (",", "range(", "choice(", "interval(", "glob(")
 
 

@@ -53,16 +53,15 @@ def apply_eval_choices(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
 def compose_train() -> DictConfig:
     """The ``train`` config with ``data=llava``: from the running Hydra app (eval.py) when there is
     one, so the same search path and config sources are used, else from vtc's conf directory."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = ["data=llava"]
     if GlobalHydra.instance().is_initialized():
         return compose("train", overrides=overrides)
-    from vtc.config import CONF_DIR
+    from vtc.config import compose_conf
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_conf("train", overrides)
 
 
 def init_from_config(cfg: DictConfig) -> DictConfig:

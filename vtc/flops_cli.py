@@ -15,11 +15,10 @@ from __future__ import annotations
 import sys
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from vtc.config import CONF_DIR, node_kwargs
+from vtc.config import CONF_DIR, compose_conf, node_kwargs
 from vtc.flops import forward_flops, format_flops, format_table
 
 
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> str:
             text_tokens = int(a.split("=", 1)[1])
         else:
             overrides.append(a)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_conf("train", overrides)
     from vtc.interop.llava import resolve_init_from
 
     resolve_init_from(cfg)  # model.init_from: encoder/llm/projector from the directory's configs

@@ -262,13 +262,10 @@ def checkpoint_meta(path) -> dict:
 def meta_lmm(overrides: list[str]):
     """The configured LMM on the meta device (no weights, no files), parts frozen as
     ``train_parts`` says, as LMMModule freezes them."""
-    from hydra import compose, initialize_config_dir
-
-    from vtc.config import CONF_DIR
+    from vtc.config import compose_conf
     from vtc.flops_cli import build_meta
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+    cfg = compose_conf("train", overrides)
     lmm = build_meta(cfg, cfg.compressor)
     for part in ("encoder", "compressor", "projector", "llm"):
         for p in getattr(lmm, part).parameters():

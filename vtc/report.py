@@ -95,16 +95,20 @@ def metric_value(run, col: str):
     return m.get(col)
 
 
-def latest_parent(client, experiment: str, since_ms: int | None = None) -> str:
-    """The id of the newest sweep parent run (tag ``vtc.kind`` = ``sweep``) of ``experiment``;
-    with ``since_ms``, only one started at or after that time (ms since the epoch) counts."""
+def experiment_id(client, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment named {experiment!r}")
+    return exp.experiment_id
+
+
+def latest_parent(client, experiment: str, since_ms: int | None = None) -> str:
+    """The id of the newest sweep parent run (tag ``vtc.kind`` = ``sweep``) of ``experiment``;
+    with ``since_ms``, only one started at or after that time (ms since the epoch) counts."""
     filt = "tags.`vtc.kind` = 'sweep'"
     if since_ms is not None:
         filt += f" and attributes.start_time >= {int(since_ms)}"
-    runs = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
+    runs = client.search_runs([experiment_id(client, experiment)], filter_string=filt, order_by=["attributes.start_time DESC"],
                               max_results=1)
     if not runs:
         since = f" started since {since_ms} ms" if since_ms is not None else ""
@@ -114,13 +118,11 @@ def latest_parent(client, experiment: str, since_ms: int | None = None) -> str:
 
 
 def fetch_runs(client, experiment: str, parent: str | None) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"no MLflow experiment named {experiment!r}")
+    exp_id = experiment_id(client, experiment)
     filt = f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
     runs, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string=filt, max_results=1000, page_token=token)
+        page = client.search_runs([exp_id], filter_string=filt, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:

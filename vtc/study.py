@@ -83,15 +83,10 @@ def check_extras(extras: list[str]) -> None:
 
 
 def compose(config: str, overrides: list[str], hydra_config: bool = False):
-    import vtc.config  # noqa: F401  (resolvers)
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from vtc.config import CONF_DIR
+    from vtc.config import compose_conf  # also registers the resolvers
 
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config, overrides=overrides, return_hydra_config=hydra_config)
+        return compose_conf(config, overrides, hydra_config)
     except Exception as e:  # noqa: BLE001 - Hydra's composition errors come in several types
         raise StudyError(f"{config}.py does not accept the overrides {overrides}: {type(e).__name__}: {e}") from e
 
@@ -139,19 +134,17 @@ def run_phase(name: str, cmd: list[str]) -> float:
 def sweep_children(client, experiment: str, since_ms: int, phase: str, expected: int) -> tuple[str, list]:
     """The sweep parent a phase made (newest vtc.kind=sweep run started since since_ms) and its
     finished children, checked to be ``expected`` many."""
-    from vtc.report import latest_parent
+    from vtc.report import fetch_runs, latest_parent
 
     try:
         parent = latest_parent(client, experiment, since_ms=since_ms)
+        runs = fetch_runs(client, experiment, parent)  # failed and killed children left out
     except SystemExit as e:
         raise StudyError(f"phase {phase}: {e}") from None
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                              max_results=5000)
     done = [r for r in runs if r.info.status == "FINISHED"]
-    if len(done) != expected or len(runs) != expected:
+    if len(done) != expected:
         raise StudyError(f"phase {phase}: sweep parent {parent} in experiment {experiment!r} has {len(done)} finished "
-                         f"of {len(runs)} child runs, expected {expected}")
+                         f"child runs, expected {expected}")
     return parent, sorted(done, key=lambda r: r.info.start_time or 0)
 
 
