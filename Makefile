@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1
+.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ report: setup
 ## test-time pooling at strides 1,2,4,8, report: make study-fig1 ARGS="[--seeds 0,1] [-- overrides]"
 study-fig1: setup
 	$(PY) -m vtc.study llavolta_fig1 $(ARGS)
+
+## Study stf_vs_pool (experiments/stf_vs_pool/README.md): none / pool / STF / STF+MBTF trained
+## at 16 of 64 tokens, 3 seeds each, report: make study-stf ARGS="[--seeds 0,1] [-- overrides]"
+study-stf: setup
+	$(PY) -m vtc.study stf_vs_pool $(ARGS)
+
+## Study llavolta_stages (experiments/llavolta_stages/README.md): none / LLaVolta 4-stage /
+## constant heavy pooling, 3 seeds each, report: make study-stages ARGS="[--seeds 0,1] [-- overrides]"
+study-stages: setup
+	$(PY) -m vtc.study llavolta_stages $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only.
 mlflow: setup

@@ -6,7 +6,8 @@ plus an optional test-time evaluation sweep from the ``STUDIES`` table below. Th
 subprocess whose output streams to the terminal, each timed:
 
 1. train: ``python train.py -m experiment=NAME seed=<seeds> OVERRIDES`` (one MLflow sweep parent,
-   one child per seed);
+   one child per seed and arm: the experiment's other ``hydra.sweeper.params``, e.g. ``ablation``,
+   are the study's arms, each trained with every seed);
 2. eval (studies in ``STUDIES`` with an ``eval_sweep``): one ``python eval.py -m ckpt_path=<every
    checkpoint of phase 1> <eval_sweep> task_name=NAME_eval hydra.sweep.dir=<log_dir>/studies/NAME/eval/<time>
    <the OVERRIDES eval.py accepts>``;
@@ -113,6 +114,13 @@ def hydra_quote(value: str) -> str:
     return f"'{value}'"
 
 
+def arms_size(cfg) -> int:
+    """Arms of a study: the jobs per seed of its training sweep (the experiment's sweeper params
+    other than the seed, simple comma lists)."""
+    params = cfg.hydra.sweeper.get("params") or {}
+    return math.prod(len(str(v).split(",")) for k, v in params.items() if k != "seed")
+
+
 def sweep_size(overrides) -> int:
     """Jobs of a sweep over simple comma lists (the STUDIES table's eval sweeps)."""
     return math.prod(len(o.split("=", 1)[1].split(",")) for o in overrides if "=" in o)
@@ -210,7 +218,7 @@ def run_study(name: str, seeds: str | None = None, out: str | None = None, extra
     since = int(time.time() * 1000)
     record["commands"]["train"] = shlex.join(cmd)
     wall["train"] = run_phase("train", cmd)
-    train_parent, train_runs = sweep_children(client, train_exp, since, "train", len(seed_list))
+    train_parent, train_runs = sweep_children(client, train_exp, since, "train", len(seed_list) * arms_size(cfg))
     record["mlflow"]["train"] = {"experiment": train_exp, "parent": train_parent,
                                  "runs": [r.info.run_id for r in train_runs]}
     ckpts = []
