@@ -13,10 +13,11 @@ from tests.conftest import ROOT, TINY
 from vtc.study import Study, StudyError, check_extras, compose, eval_extras, run_phase
 
 
-def study_cmd(workspace, out, log_dir=None):
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=2"]
+def study_cmd(workspace, out, log_dir=None, name="llavolta_fig1", seeds="0,1", steps=2):
+    tiny = [o for o in TINY if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+    tiny += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
     paths = [f"paths.data_dir={workspace.root / 'data'}", f"paths.log_dir={log_dir or workspace.root / 'outputs'}"]
-    return [sys.executable, "-m", "vtc.study", "llavolta_fig1", "--seeds", "0,1", "--out", str(out), "--", *tiny, *paths]
+    return [sys.executable, "-m", "vtc.study", name, "--seeds", seeds, "--out", str(out), "--", *tiny, *paths]
 
 
 @pytest.mark.slow
@@ -123,3 +124,47 @@ def test_failed_phase_names_itself_and_unknown_study_lists_known(capsys):
     with pytest.raises(SystemExit):
         main(["no_such_study"])
     assert "conf/experiment/no_such_study.yaml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, arms", [
+    ("stf_vs_pool", {"none_64": ("NoCompression", 64), "pool_16": ("AvgPool2d", 16),
+                     "stf_16": ("SpatialTokenFusion", 16), "stf_mbtf_16": ("STFMultiBlock", 16)}),
+    ("llavolta_stages", {"none_64": ("NoCompression", 64), "llavolta_4stage": ("VisualContextCompressor", 64),
+                         "vcc_8": ("VisualContextCompressor", 8)}),
+])
+def test_study_arms_compose(name, arms):
+    """Each study's arms are its ablation sweep; every arm composes into the compressor (and, for the
+    LLaVolta curriculum, the four-stage schedule) the study README promises."""
+    from vtc.study import arms_size
+
+    cfg = compose("train", [f"experiment={name}"], hydra_config=True)
+    assert cfg.task_name == name and cfg.hydra.sweeper.params.ablation == ",".join(arms)
+    assert arms_size(cfg) == len(arms) and str(cfg.hydra.sweeper.params.seed) == "0,1,2"
+    assert cfg.hydra.sweep.subdir == "none_64_seed_0"  # <arm>_seed_<seed>: one folder per job
+    for arm, (cls, tokens) in arms.items():
+        c = compose("train", [f"experiment={name}", f"ablation={arm}"])
+        assert c.compressor._target_.endswith(cls)
+        assert c.schedule.name == ("llavolta" if arm == "llavolta_4stage" else "constant")
+        if cls == "VisualContextCompressor" and c.schedule.name == "constant":
+            assert 64 // c.compressor.stride == tokens and c.compressor.layer == 0
+
+
+@pytest.mark.slow
+def test_multi_arm_study_trains_every_arm_and_seed(workspace, tmp_path):
+    """llavolta_stages at tiny size: 3 arms x 1 seed in one sweep, one folder per arm and seed, the
+    report one row per arm; the curriculum arm is tested uncompressed, the heavy arm at 8 tokens."""
+    out = tmp_path / "results"
+    proc = subprocess.run(study_cmd(workspace, out, name="llavolta_stages", seeds="0", steps=4), cwd=ROOT,
+                          env=workspace.env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    record = json.loads((out / "study.json").read_text())
+    train_dir = workspace.root / "outputs" / "studies" / "llavolta_stages" / "train"
+    assert sorted(Path(c).parent.parent.name for c in record["checkpoints"]) == [
+        "llavolta_4stage_seed_0", "none_64_seed_0", "vcc_8_seed_0"]
+    assert all(Path(c).is_file() and Path(c).is_relative_to(train_dir) for c in record["checkpoints"])
+    runs = {r.info.run_id: r for r in workspace.runs("llavolta_stages")}
+    children = [runs[i] for i in record["mlflow"]["train"]["runs"]]
+    tokens = sorted((r.data.params["schedule.name"], r.data.metrics["test/visual_tokens"]) for r in children)
+    assert tokens == [("constant", 8.0), ("constant", 64.0), ("llavolta", 64.0)]
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["configurations"]) == 3 and all(len(c["run_ids"]) == 1 for c in rep["configurations"])
