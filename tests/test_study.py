@@ -164,7 +164,13 @@ def test_multi_arm_study_trains_every_arm_and_seed(workspace, tmp_path):
     assert all(Path(c).is_file() and Path(c).is_relative_to(train_dir) for c in record["checkpoints"])
     runs = {r.info.run_id: r for r in workspace.runs("llavolta_stages")}
     children = [runs[i] for i in record["mlflow"]["train"]["runs"]]
-    tokens = sorted((r.data.params["schedule.name"], r.data.metrics["test/visual_tokens"]) for r in children)
+    # Run names carry the arm (swept from the yaml) and the seed.
+    assert sorted(tuple(sorted(r.data.tags["mlflow.runName"].split(","))) for r in children) == [
+        (f"ablation={a}", "seed=0") for a in ("llavolta_4stage", "none_64", "vcc_8")]
+    # vcc pools inside the LLM (before layer 0): 64 tokens enter, every layer sees 8.
+    tokens = sorted((r.data.params["schedule.name"], r.data.metrics["test/equiv_visual_tokens"]) for r in children)
     assert tokens == [("constant", 8.0), ("constant", 64.0), ("llavolta", 64.0)]
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["configurations"]) == 3 and all(len(c["run_ids"]) == 1 for c in rep["configurations"])
+    # Compact row labels: no "–" for knobs an arm's compressor does not have.
+    assert all("–" not in c["label"] for c in rep["configurations"]), [c["label"] for c in rep["configurations"]]

@@ -35,6 +35,8 @@ def _run_name() -> str:
         if hc.mode == RunMode.MULTIRUN:
             swept = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:]
                      if "=" in a and any(m in a.split("=", 1)[1] for m in SWEEP_MARKS)}
+            # Keys an experiment sweeps from its yaml (hydra.sweeper.params, e.g. a study's arms).
+            swept |= {str(k) for k in (hc.sweeper.get("params") or {})}
             if swept:
                 job = [o for o in job if o.split("=", 1)[0].lstrip("+~") in swept]
         name = ",".join(job)

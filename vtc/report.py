@@ -142,13 +142,19 @@ def group_runs(runs) -> list[Group]:
         differing = sorted(k for k in all_keys if len({dict(g.key).get(k) for g in out}) > 1)
     else:
         differing = []
-    for g in out:
+    def label(g: Group, compact: bool) -> str:
         d = dict(g.key)
-        label = ", ".join(f"{k.removesuffix('._target_')}={short(d.get(k, '–'))}" for k in differing)
+        return ", ".join(f"{k.removesuffix('._target_')}={short(d.get(k, '–'))}" for k in differing
+                         if not compact or k in d)
+
+    # Compact labels leave out the keys a configuration does not have (a pool row need not list
+    # STF's knobs as "–"), unless that makes two rows read the same.
+    compact = len({label(g, True) for g in out}) == len(out)
+    for g in out:
         # One configuration: its run's name, or "all runs" when seeds were merged (a run name
         # such as "seed=0" would misname the row).
         single = g.runs[0].data.tags.get("mlflow.runName") if len(g.runs) == 1 else None
-        g.label = label or single or "all runs"
+        g.label = label(g, compact) or single or "all runs"
     return out
 
 
