@@ -44,6 +44,7 @@ def store(tmp_path):
             c.log_metric(r, "test/acc", test)
             c.log_metric(r, "val/acc", val)
             c.log_metric(r, "gqa/acc", test / 2)
+            c.log_metric(r, "test/acc_cell", test / 4)
             c.log_metric(r, "test/visual_tokens", tokens)
             c.log_metric(r, "test/equiv_visual_tokens", tokens)
             c.log_metric(r, "train/tflops_cum", tfl)
@@ -95,6 +96,7 @@ def test_report_table_pareto_plots_and_parent_artifacts(store, tmp_path):
             exp_std = arr[:, j].std(ddof=1) if len(arr) > 1 else 0.0
             assert std == pytest.approx(exp_std, abs=0.6 * 10 ** -digits)
         assert pm(row["gqa/acc"])[0] == pytest.approx(arr[:, 0].mean() / 2, abs=1e-4)
+        assert pm(row["test/acc_cell"])[0] == pytest.approx(arr[:, 0].mean() / 4, abs=1e-4)
         assert pm(row["visual tokens"]) == (tokens, 0.0)
 
     # Pareto: (cost, mean test/acc). TFLOPs: none (4.1, .53), pool2 (1.55, .51), pool4 (1.05, .32),

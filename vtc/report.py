@@ -7,8 +7,8 @@ its runs (seeds). Std is the sample standard deviation (ddof=1; 0 for a single r
 
 Writes into ``--out`` (default ``reports/<experiment>[-<parent>]``):
 
-- ``report.md``: the table (accuracies: ``test/acc``, ``val/acc`` and each benchmark's headline
-  numbers from ``eval.py benchmark=...``: ``<bench>/acc``, ``pope/f1``, ``scienceqa/img_acc``,
+- ``report.md``: the table (accuracies: ``test/acc``, ``val/acc``, ``test/acc_<question type>``
+  and each benchmark's headline numbers from ``eval.py benchmark=...``: ``<bench>/acc``, ``pope/f1``, ``scienceqa/img_acc``,
   ``mme/perception``, ``mme/cognition``; visual tokens: ``test/visual_tokens`` and
   ``test/equiv_visual_tokens``, falling back to the ``val/``, ``train/`` and ``cost/`` ones;
   ``train/tflops_cum``; ``train/time_cum_s``; the evaluation cost ``cost/prefill_tflops``,
@@ -80,6 +80,9 @@ class Group:
 def accuracy_columns(runs) -> list[str]:
     keys = set().union(*(r.data.metrics for r in runs)) if runs else set()
     cols = [k for k in ("test/acc", "val/acc") if k in keys]
+    # The synthetic benchmark's per-question-type accuracies (test/acc_cell, ...): which skill a
+    # compressor costs.
+    cols += sorted(k for k in keys if k.startswith("test/acc_"))
     cols += sorted(k for k in keys if k.count("/") == 1 and k.split("/")[0] not in NON_BENCH
                    and k.split("/")[1] in HEADLINE)
     return cols
