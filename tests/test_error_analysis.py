@@ -24,10 +24,11 @@ def write_split(tmp_path):
         for qid, grid in BOARDS.items():
             rec = {"id": qid, "conversations": [{"from": "human", "value": QUESTIONS[qid]}, {"from": "gpt", "value": "x"}],
                    "question_type": "cell", "grid": grid}
-            data = json.dumps(rec).encode()
-            info = tarfile.TarInfo(f"{qid}.json")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            for name, data in ((f"{qid}.jpg", b"not decoded"), (f"{qid}.json", json.dumps(rec).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (d / "index.json").write_text(json.dumps({"shards": [{"path": "test-00000.tar", "n": len(BOARDS)}]}))
     return d
 
 
@@ -67,7 +68,7 @@ def test_cli_prints_and_writes_json_and_rejects_bad_paths(tmp_path, capsys):
     res = main([str(preds), str(split), "--json", str(tmp_path / "out.json")])
     assert res["acc"] == 1.0 and json.loads((tmp_path / "out.json").read_text())["cell"]["n"] == 1
     assert "cell questions (1)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no .tar shards"):
+    with pytest.raises(SystemExit, match="no index.json"):
         main([str(preds), str(tmp_path)])
     with pytest.raises(SystemExit, match="cannot read predictions"):
         main([str(tmp_path / "missing.jsonl"), str(split)])

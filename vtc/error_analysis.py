@@ -10,8 +10,9 @@ c?") how the model localises: the share of answers naming a digit that stands so
 row (``row_hit``) or column (``col_hit``), each against ``chance``, the same share had the model
 named the content of a uniformly random cell of the board. Wrong answers that name a digit are
 split the same way, counting only the *other* cells of the row / column, against the digit of a
-random other filled cell, plus the share of them that stands on the board at all. High hits with low accuracy: the model reads the board but misplaces the
-coordinates; hits near chance: it does not localise.
+random other filled cell, plus the share of them that stands on the board at all. High hits with
+low accuracy: the model reads the board but misplaces the coordinates; hits near chance: it does
+not localise.
 """
 from __future__ import annotations
 
@@ -19,29 +20,23 @@ import argparse
 import json
 import re
 import sys
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 
+from vtc.data.synthetic import EMPTY
+
 _CELL = re.compile(r"row (\d+), column (\d+)")
-EMPTY = -1
 
 
 def load_boards(split_dir: str | Path) -> dict[str, dict]:
-    """``id -> {grid, question}`` from a split's shards (JSON members only; nothing is unpickled)."""
-    split_dir = Path(split_dir)
-    tars = sorted(split_dir.glob("*.tar"))
-    if not tars:
-        raise SystemExit(f"{split_dir}: no .tar shards here; pass the split folder, e.g. data/synthetic-.../test")
-    out = {}
-    for path in tars:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    rec = json.load(tar.extractfile(m))
-                    if "grid" in rec:
-                        out[rec["id"]] = {"grid": rec["grid"], "question": rec["conversations"][0]["value"]}
-    return out
+    """``id -> {grid, question}`` from a split's shards (read as the encoder pre-training reads
+    them: through the split's ``index.json``, no webdataset, nothing unpickled)."""
+    from vtc.model.encoder_pretrain import read_samples
+
+    if not (Path(split_dir) / "index.json").is_file():
+        raise SystemExit(f"{split_dir}: no index.json of shards here; pass the split folder, e.g. data/synthetic-.../test")
+    return {rec["id"]: {"grid": rec["grid"], "question": rec["conversations"][0]["value"]}
+            for _, rec in read_samples(str(split_dir), sys.maxsize) if "grid" in rec}
 
 
 def _digit(text: str) -> int | None:
@@ -49,7 +44,7 @@ def _digit(text: str) -> int | None:
     return int(t) if t.isdigit() and len(t) == 1 else None
 
 
-def _share(hits: list[bool]) -> float | None:
+def _share(hits: list) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
@@ -95,7 +90,7 @@ def analyse(predictions: list[dict], boards: dict[str, dict]) -> dict:
         wrong["col_other"].append(d in col_o)
         wrong["row_other_chance"].append(_share([g[i][j] in row_o for i, j in others]) or 0.0)
         wrong["col_other_chance"].append(_share([g[i][j] in col_o for i, j in others]) or 0.0)
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731 - shares and mean chances alike
+    mean = _share  # shares of hits and mean chances alike
     return {
         "n": len(predictions),
         "acc": mean([ok for v in by_type.values() for ok in v]),

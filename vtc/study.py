@@ -118,7 +118,7 @@ def arms_size(cfg) -> int:
     """Arms of a study: the jobs per seed of its training sweep (the experiment's sweeper params
     other than the seed, simple comma lists)."""
     params = cfg.hydra.sweeper.get("params") or {}
-    return math.prod(len(str(v).split(",")) for k, v in params.items() if k != "seed")
+    return sweep_size(f"{k}={v}" for k, v in params.items() if k != "seed")
 
 
 def sweep_size(overrides) -> int:
