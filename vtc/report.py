@@ -8,8 +8,8 @@ its runs (seeds). Std is the sample standard deviation (ddof=1; 0 for a single r
 Writes into ``--out`` (default ``reports/<experiment>[-<parent>]``):
 
 - ``report.md``: the table (accuracies: ``test/acc``, ``val/acc``, ``test/acc_<question type>``
-  and each benchmark's headline numbers from ``eval.py benchmark=...``: ``<bench>/acc``, ``pope/f1``, ``scienceqa/img_acc``,
-  ``mme/perception``, ``mme/cognition``; visual tokens: ``test/visual_tokens`` and
+  and each benchmark's headline numbers from ``eval.py benchmark=...``: ``<bench>/acc``,
+  ``pope/f1``, ``scienceqa/img_acc``, ``mme/perception``, ``mme/cognition``; visual tokens: ``test/visual_tokens`` and
   ``test/equiv_visual_tokens``, falling back to the ``val/``, ``train/`` and ``cost/`` ones;
   ``train/tflops_cum``; ``train/time_cum_s``; the evaluation cost ``cost/prefill_tflops``,
   ``cost/prefill_ms``, ``cost/decode_tok_s``, ``cost/kv_bytes``), Pareto membership;
