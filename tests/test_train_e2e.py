@@ -94,3 +94,19 @@ def test_eval_time_compression_sweep_is_one_multirun(workspace, trained):
     assert latest.data.metrics["test/visual_tokens"] == 64  # enters the LLM whole ...
     # ... and layers 1..3 see 16: layer average (64 + 3*16) / 4 = 28
     assert latest.data.metrics["test/equiv_visual_tokens"] == 28
+
+
+def test_first_run_equals_a_run_with_the_caches_warm(workspace, tmp_path):
+    """The first run in a data folder builds the synthetic set and pre-trains the tiny tower, in
+    process; a second run finds both cached. Same seed and config: the same training, loss for
+    loss (the stage used to move the global RNG between seeding and building the model)."""
+    def losses():
+        before = {r.info.run_id for r in workspace.runs()}
+        workspace.run("train.py", "seed=5", "trainer.max_steps=3", "test=false", data_dir=tmp_path / "d")
+        (run,) = [r for r in workspace.runs() if r.info.run_id not in before]
+        return [h.value for h in sorted(workspace.client().get_metric_history(run.info.run_id, "train/loss"),
+                                        key=lambda h: h.step)]
+
+    cold = losses()
+    assert (tmp_path / "d" / "encoders").is_dir()
+    assert cold == losses() and len(cold) == 3

@@ -114,9 +114,12 @@ def train(cfg: DictConfig) -> float | None:
     resolve_init_from(cfg)  # model.init_from: encoder/llm/projector/data describe that directory
     check_config(cfg)  # fails fast, naming the key, before anything heavy happens
     ckpt_path = resolve_ckpt(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     prepare(cfg)
+    # Seeded after the data and encoder stages, which draw random numbers only when their caches
+    # are cold: seeded before, a first run in a fresh folder built a different model from every
+    # later run of the same config (make train's seed 0 ended at val/acc 40.8% instead of 47.6%).
+    L.seed_everything(cfg.seed, workers=True)
 
     from vtc.data.tokenizer import load_tokenizer
     from vtc.tracking import log_config

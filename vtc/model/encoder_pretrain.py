@@ -87,6 +87,13 @@ def pretrain_encoder(
     seed: int = 0,
     position: bool = False,
 ) -> dict:
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        return _pretrain(out_dir, encoder_config, data_root, kind, select_layer, image_mean, image_std, steps,
+                         batch_size, lr, samples, seed, position)
+
+
+def _pretrain(out_dir, encoder_config, data_root, kind, select_layer, image_mean, image_std, steps, batch_size,
+              lr, samples, seed, position) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     encoder = VisionEncoder.build(kind=kind, config=encoder_config, select_layer=select_layer)
