@@ -72,6 +72,7 @@ def read_samples(split_dir: str, limit: int):
     return out
 
 
+@torch.random.fork_rng(devices=[])  # it seeds and draws; the caller's random state is left as it was
 def pretrain_encoder(
     out_dir: str,
     encoder_config: dict,
@@ -87,13 +88,6 @@ def pretrain_encoder(
     seed: int = 0,
     position: bool = False,
 ) -> dict:
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-        return _pretrain(out_dir, encoder_config, data_root, kind, select_layer, image_mean, image_std, steps,
-                         batch_size, lr, samples, seed, position)
-
-
-def _pretrain(out_dir, encoder_config, data_root, kind, select_layer, image_mean, image_std, steps, batch_size,
-              lr, samples, seed, position) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     encoder = VisionEncoder.build(kind=kind, config=encoder_config, select_layer=select_layer)
@@ -106,9 +100,9 @@ def _pretrain(out_dir, encoder_config, data_root, kind, select_layer, image_mean
     targets = torch.stack([patch_targets(rec["grid"], info.image_size, info.patch_size) for _, rec in raw])
     head = torch.nn.Linear(info.hidden_size, EMPTY + 1)
     params = list(encoder.parameters()) + list(head.parameters())
-    n = info.image_size // info.patch_size
-    rows, cols = position_targets(info.image_size, info.patch_size)
     if position:  # one linear head reads the patch's row and column (n + n logits)
+        n = info.image_size // info.patch_size
+        rows, cols = position_targets(info.image_size, info.patch_size)
         pos_head = torch.nn.Linear(info.hidden_size, 2 * n)
         params += list(pos_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
