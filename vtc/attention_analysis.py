@@ -31,7 +31,9 @@ REGIONS = ("cell", "row", "column", "else")
 def region_masks(grid: int, n_patch: int, r: int, c: int) -> np.ndarray:
     """``[4, n_patch**2]`` bools (raster order) for the regions of asked cell ``(r, c)`` on a
     ``grid`` x ``grid`` board covered by ``n_patch`` x ``n_patch`` patches."""
-    cell = np.minimum(((np.arange(n_patch) + 0.5) * grid / n_patch).astype(int), grid - 1)
+    from vtc.model.encoder_pretrain import patch_cells
+
+    cell = patch_cells(n_patch, grid)
     in_row = np.repeat((cell == r)[:, None], n_patch, 1)
     in_col = np.repeat((cell == c)[None, :], n_patch, 0)
     masks = np.stack([in_row & in_col, in_row & ~in_col, ~in_row & in_col, ~in_row & ~in_col])
@@ -108,9 +110,9 @@ def analyse(module, batches, boards: dict[str, dict], grid: int, max_samples: in
                 uniform += masks.sum(1) / masks.shape[1]
                 qi = int(state.query_index[b])
                 first = int(vis.max()) + 1
-                ans = np.stack([region_shares(w[b, :, qi][:, vis], masks) for w in maps])
                 qs = np.stack([np.stack([region_shares(w[b, :, p][:, vis], masks) for w in maps])
                                for p in range(first, qi + 1)])
+                ans = qs[-1]  # the last question token is the answer position
                 if answer is None:
                     answer, question = ans, qs
                     ids = batch["gen_input_ids"][b][batch["gen_attention_mask"][b].bool()].tolist()

@@ -22,6 +22,7 @@ import shutil
 import tarfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,12 +34,15 @@ log = logging.getLogger(__name__)
 EMPTY = 10
 
 
+def patch_cells(n_patch: int, grid: int):
+    """Board row (= column) index under each patch centre along one axis, as a numpy array."""
+    return np.minimum(((np.arange(n_patch) + 0.5) * grid / n_patch).astype(np.int64), grid - 1)
+
+
 def patch_targets(grid_digits: list[list[int]], image_size: int, patch_size: int) -> torch.Tensor:
     """Digit under each patch centre, raster order; cells tile the square board uniformly."""
     g = len(grid_digits)
-    n = image_size // patch_size
-    centres = (torch.arange(n) + 0.5) * patch_size
-    cell = (centres * g / image_size).long().clamp(max=g - 1)
+    cell = torch.from_numpy(patch_cells(image_size // patch_size, g))
     table = torch.tensor(grid_digits)
     table = torch.where(table < 0, torch.full_like(table, EMPTY), table)
     return table[cell[:, None], cell[None, :]].flatten()
