@@ -166,6 +166,26 @@ def test_vicuna_multi_turn_ids_and_labels(tok):
     assert enc["answer"] == "no"
 
 
+@pytest.mark.parametrize("system", ["", "Answer briefly."])
+def test_vicuna_system_prompt_override(tok, system):
+    enc = encode_conversation(tok, CONV2, "vicuna_v1", max_length=512, has_image=True, system=system)
+    whole = ("<s>" + system + " USER: What is the <image> digit? ASSISTANT: seven 7</s>"
+             " USER: a cat? ASSISTANT: no</s>")
+    assert enc["input_ids"] == tok(whole, add_special_tokens=False)["input_ids"]
+    assert enc["labels"] == expected_labels(tok, enc["input_ids"])
+    default = encode_conversation(tok, CONV2, "vicuna_v1", max_length=512, has_image=True)
+    n_default = len(tok(VICUNA_SYSTEM, add_special_tokens=False)["input_ids"])
+    n_system = len(tok(system, add_special_tokens=False)["input_ids"]) if system else 0
+    # only the prefix changes: the rest of the ids and every supervised token are the same
+    assert len(default["input_ids"]) - len(enc["input_ids"]) == n_default - n_system
+    assert enc["input_ids"][1 + n_system:] == default["input_ids"][1 + n_default:]
+    assert enc["gen_input_ids"][1 + n_system:] == default["gen_input_ids"][1 + n_default:]
+    # plain has no system prompt to override
+    conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a cat"}]
+    assert (encode_conversation(tok, conv, "plain", 64, system=system)
+            == encode_conversation(tok, conv, "plain", 64))
+
+
 def test_plain_template(tok):
     conv = [{"from": "human", "value": "<image>\nignored question"}, {"from": "gpt", "value": "a cat"}]
     enc = encode_conversation(tok, conv, "plain", max_length=64, has_image=True)
@@ -292,6 +312,17 @@ def test_datamodule_batches_match_contract(tmp_path):
     test_ids = [i for b in dm.test_dataloader() for i in b["ids"]]
     assert test_ids == [f"test_{k:06d}" for k in range(6)]
     assert dm.skipped == 0
+
+    # data.system_prompt reaches every split's decoder: "" drops Vicuna's system prompt
+    dm0 = VTCDataModule(root=str(root), template="vicuna_v1", system_prompt="", image_size=28, batch_size=8,
+                        eval_batch_size=4, num_workers=0, shuffle_buffer=16, seed=0, max_length=96,
+                        val_max_samples=7)
+    dm0.setup("fit")
+    n_sys = len(dm.tokenizer(VICUNA_SYSTEM, add_special_tokens=False)["input_ids"])
+    for b0, b in zip(dm0.val_dataloader(), val):
+        assert b0["ids"] == b["ids"]
+        for k in ("input_ids", "gen_input_ids"):
+            assert (b0[k] != pad).sum(1).tolist() == [n - n_sys for n in (b[k] != pad).sum(1).tolist()]
 
     # explicit shards: a broken image is skipped and counted; a .pyd member is never unpickled
     src = tarfile.open(root / "val" / "val-00000.tar")

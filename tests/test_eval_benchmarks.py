@@ -415,3 +415,28 @@ def test_prompt_suffix_is_added_once():
     assert build_prompt({"text": "Is it red?"}, SHORT) == f"Is it red?\n{SHORT}"
     assert build_prompt({"text": f"Is it red?\n{SHORT}"}, SHORT) == f"Is it red?\n{SHORT}"
     assert build_prompt({"text": "Q\nOptions: (A) x"}, None) == "Q\nOptions: (A) x"
+
+
+def test_benchmark_prompt_uses_the_trained_system_prompt(tmp_path):
+    """A benchmark question is encoded with the system prompt the model was trained with
+    (data.system_prompt), the same ids as the conversation template gives."""
+    from vtc.data.templates import encode_conversation
+    from vtc.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from vtc.eval_bench import QuestionDataset
+    from vtc.eval_init_from import prompt_settings
+
+    build_tiny_tokenizer(["Is it red?", SHORT], tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    q = [{"question_id": 7, "text": "Is it red?"}]
+    conv = [{"from": "human", "value": f"Is it red?\n{SHORT}"}, {"from": "gpt", "value": ""}]
+    ids = {}
+    for system in (None, ""):
+        item = QuestionDataset(q, str(tmp_path), tok, "vicuna_v1", None, None, SHORT, system)[0]
+        assert item["input_ids"] == encode_conversation(tok, conv, "vicuna_v1", None, False, system)["gen_input_ids"]
+        ids[system] = item["input_ids"]
+    assert len(ids[None]) > len(ids[""]) and ids[None][-len(ids[""]) + 1:] == ids[""][1:]
+    from omegaconf import OmegaConf
+    data = {"template": "vicuna_v1", "image_size": 28, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+            "batch_size": 2, "max_length": 64}
+    assert prompt_settings(OmegaConf.create({"data": data})).system_prompt is None
+    assert prompt_settings(OmegaConf.create({"data": {**data, "system_prompt": ""}})).system_prompt == ""

@@ -91,8 +91,9 @@ class QuestionDataset(torch.utils.data.Dataset):
     """LLaVA questions -> samples for :func:`vtc.data.datamodule.collate` (generation keys)."""
 
     def __init__(self, questions: list[dict], images: str, tokenizer, template: str, max_length: int | None,
-                 processor, suffix: str | None):
+                 processor, suffix: str | None, system_prompt: str | None = None):
         self.questions, self.images = questions, images
+        self.system_prompt = system_prompt
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.processor, self.suffix = processor, suffix
 
@@ -113,7 +114,7 @@ class QuestionDataset(torch.utils.data.Dataset):
                 pixel_values = self.processor(img)
         conv = [{"from": "human", "value": text}, {"from": "gpt", "value": ""}]
         enc = encode_conversation(self.tokenizer, conv, self.template, self.max_length,
-                                  has_image=pixel_values is not None)
+                                  has_image=pixel_values is not None, system=self.system_prompt)
         ids = enc["gen_input_ids"]
         return {"id": str(q["question_id"]), "index": i, "prompt": text, "input_ids": ids,
                 "labels": [IGNORE_INDEX] * len(ids), "gen_input_ids": ids, "answer": "",
@@ -177,7 +178,8 @@ def evaluate_benchmark(spec: dict, cfg: DictConfig, module, datamodule, model_id
         questions = questions[: int(spec["limit"])]
     tokenizer = module.tokenizer  # the model's own (the one evaluate() built it with)
     dataset = QuestionDataset(questions, spec["images"], tokenizer, datamodule.template,
-                              datamodule.max_length, datamodule.processor, spec.get("prompt_suffix"))
+                              datamodule.max_length, datamodule.processor, spec.get("prompt_suffix"),
+                              datamodule.system_prompt)
     workers = int(spec.get("num_workers") or 0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=datamodule.eval_batch_size, shuffle=False, num_workers=workers,

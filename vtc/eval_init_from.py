@@ -134,6 +134,7 @@ class PromptSettings:
     processor: object
     eval_batch_size: int
     image_size: int
+    system_prompt: str | None = None
 
 
 def prompt_settings(run_cfg: DictConfig) -> PromptSettings:
@@ -143,4 +144,5 @@ def prompt_settings(run_cfg: DictConfig) -> PromptSettings:
     size = int(d.image_size)
     processor = ImageProcessor(size, tuple(d.image_mean), tuple(d.image_std), bool(d.get("pad_to_square", True)))
     batch = int(d.get("eval_batch_size") or d.batch_size)
-    return PromptSettings(str(d.template), int(d.max_length) if d.get("max_length") else None, processor, batch, size)
+    return PromptSettings(str(d.template), int(d.max_length) if d.get("max_length") else None, processor, batch, size,
+                          d.get("system_prompt"))

@@ -329,7 +329,8 @@ class SampleDecoder:
     """
 
     def __init__(self, tokenizer, template: str, max_length: int | None, processor: ImageProcessor,
-                 require_supervision: bool, overlong: str = "truncate", stats: DataStats | None = None):
+                 require_supervision: bool, overlong: str = "truncate", stats: DataStats | None = None,
+                 system_prompt: str | None = None):
         if overlong not in OVERLONG:
             raise ValueError(f"overlong: {overlong!r}; use one of {OVERLONG}")
         self.tokenizer = tokenizer
@@ -339,6 +340,7 @@ class SampleDecoder:
         self.require_supervision = require_supervision
         self.overlong = overlong
         self.stats = stats
+        self.system_prompt = system_prompt
 
     def __call__(self, sample: dict) -> dict:
         if self.stats is not None:
@@ -379,7 +381,8 @@ class SampleDecoder:
                 raise SampleError("image", f"{key}.{image_ext}: cannot decode the image ({e!r})") from None
         has_image = pixel_values is not None
         try:
-            enc = encode_conversation(self.tokenizer, conversations, self.template, None, has_image=has_image)
+            enc = encode_conversation(self.tokenizer, conversations, self.template, None, has_image=has_image,
+                                      system=self.system_prompt)
         except ValueError as e:
             raise SampleError("record", f"{key}: {e}") from None
         if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
@@ -387,7 +390,7 @@ class SampleDecoder:
                 raise SampleError("overlong", f"{key}: {len(enc['input_ids'])} tokens > max_length={self.max_length}")
             try:
                 enc = encode_conversation(self.tokenizer, conversations, self.template, self.max_length,
-                                          has_image=has_image)
+                                          has_image=has_image, system=self.system_prompt)
             except ValueError as e:
                 raise SampleError("overlong", f"{key}: cannot truncate: {e}") from None
             if self.stats is not None:
@@ -617,6 +620,7 @@ class _VTCData:
         val_samples: int | None = None,
         test_samples: int | None = None,
         template: str = "vicuna_v1",
+        system_prompt: str | None = None,
         image_size: int = 336,
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
@@ -657,6 +661,7 @@ class _VTCData:
         self.sample_counts = {"train": train_samples, "val": val_samples, "test": test_samples}
         self.tokenizer_path = tokenizer_path if tokenizer_path is not None else str(self.root / "tokenizer")
         self.template = template
+        self.system_prompt = None if system_prompt is None else str(system_prompt)
         self.image_size = int(image_size)
         self.processor = ImageProcessor(self.image_size, tuple(image_mean), tuple(image_std), bool(pad_to_square))
         self.batch_size = int(batch_size)
@@ -761,7 +766,8 @@ class _VTCData:
 
     def _decoder(self, split: str) -> SampleDecoder:
         return SampleDecoder(self.tokenizer, self.template, self.max_length, self.processor,
-                             require_supervision=split == "train", overlong=self.overlong, stats=self._stats[split])
+                             require_supervision=split == "train", overlong=self.overlong, stats=self._stats[split],
+                             system_prompt=self.system_prompt)
 
     # -- loaders -------------------------------------------------------------------------------
     def train_batches_per_rank(self, world_size: int = 1) -> int:

@@ -15,6 +15,8 @@ Templates (``template=``):
 ``vicuna_v1`` (LLaVA ``conv_vicuna_v1``)
     ``<s>{SYSTEM}`` then per round `` USER: {human} ASSISTANT: {gpt}</s>``; loss on
     ``{gpt}</s>`` of every round, nothing else (system, roles, questions, image placeholder).
+    ``SYSTEM`` is Vicuna's system prompt (:data:`VICUNA_SYSTEM`) unless ``system`` gives
+    another (``""``: none; the synthetic set's tiny model drops it, see conf/data/synthetic.yaml).
 
 How the ids are made (the choice to know about): the text is cut into *segments* at every
 boundary that matters -- the image placeholder, the start of each answer, each ``</s>`` -- and
@@ -152,6 +154,7 @@ def encode_conversation(
     template: str,
     max_length: int | None = None,
     has_image: bool = True,
+    system: str | None = None,
 ) -> dict:
     """Encode one LLaVA conversation (see module docstring).
 
@@ -159,6 +162,7 @@ def encode_conversation(
     answer: str)``: teacher-forced ids and unshifted labels (``IGNORE_INDEX`` off the
     assistant's tokens), the generation prompt of the last round (up to and including
     ``ASSISTANT:``; ``<s> <image>`` for ``plain``), and the last assistant answer (stripped).
+    ``system``: the vicuna_v1 system prompt (None: :data:`VICUNA_SYSTEM`); plain has none.
     """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
@@ -187,10 +191,11 @@ def encode_conversation(
         gen_answer = answer
     else:  # vicuna_v1
         gen_ids: list[int] = []
+        system = VICUNA_SYSTEM if system is None else system
         for r in range(0, len(turns), 2):
             human, gpt = turns[r][1], turns[r + 1][1]
             prompt = f" {USER_ROLE}: {human} {ASSISTANT_ROLE}:"
-            b.text(VICUNA_SYSTEM + prompt if r == 0 else prompt, False, image_ok=(r == 0))
+            b.text(system + prompt if r == 0 else prompt, False, image_ok=(r == 0))
             if r == len(turns) - 2:
                 gen_ids = list(b.ids)
             b.text(gpt, True)
