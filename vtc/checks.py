@@ -85,6 +85,10 @@ def check_config(cfg: DictConfig) -> tuple[EncoderInfo, int]:
             f"set data.image_size={info.image_size}",
         )
     check_data_paths(cfg)
+    if "compile_llm" in cfg:
+        from vtc.model.compile import should_compile
+
+        should_compile(cfg.compile_llm, "cpu", 0)  # a bad value fails here, naming the key
     compressor = instantiate(cfg.compressor)
     compressor.check(info, depth)
     if compressor.needs_cls and not info.has_cls:

@@ -127,6 +127,10 @@ def train(cfg: DictConfig) -> float | None:
     tokenizer = load_tokenizer(cfg.llm.tokenizer_path)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, tokenizer)
+    from vtc.model.compile import should_compile
+
+    if should_compile(cfg.get("compile_llm", "auto"), cfg.trainer.get("accelerator", "cpu"), cfg.trainer.get("max_steps")):
+        module.model.llm.compile_layers()
     loggers = build_loggers(cfg, run_id=stored_run_id(ckpt_path))
     from vtc.lit.checkpoint_io import AtomicCheckpointIO
 

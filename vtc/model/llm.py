@@ -46,6 +46,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        self._compiled = None  # vtc.model.compile.CompiledLayers once compile_layers() ran
 
     @classmethod
     def build(
@@ -98,6 +99,12 @@ class LanguageModel(nn.Module):
         return self.decoder.embed_tokens(input_ids)
 
     # -- the layer loop --------------------------------------------------------------------------
+    def compile_layers(self) -> None:
+        """Run training forwards through ``torch.compile``d decoder layers (vtc/model/compile.py)."""
+        from vtc.model.compile import CompiledLayers
+
+        self._compiled = CompiledLayers(self.layers)
+
     def run_layers(
         self,
         state: SeqState,
@@ -112,13 +119,21 @@ class LanguageModel(nn.Module):
         a KV cache: segment s spans from the layer where the sequence last changed).
         ``past_mask`` holds those masks from earlier calls (decode steps).
         """
+        compiled = self._compiled
+        if compiled is not None and not compiled.failed and cache is None and torch.is_grad_enabled():
+            return compiled.run(lambda: self._run_layers(state, compressor, cache, past_mask, self.layers),
+                                lambda: self._run_layers(state, compressor, cache, past_mask, compiled.layers))
+        return self._run_layers(state, compressor, cache, past_mask, self.layers)
+
+    def _run_layers(self, state, compressor, cache, past_mask, forwards):
+        """The loop of :meth:`run_layers`; ``forwards[i]`` runs layer i (itself, or compiled)."""
         from transformers.masking_utils import create_causal_mask
 
         seen: list[torch.Tensor] = []
         segment_masks: list[torch.Tensor] = []
         mask4d = None
         seg = -1
-        for i, layer in enumerate(self.layers):
+        for i, (layer, forward) in enumerate(zip(self.layers, forwards)):
             if compressor is not None and getattr(compressor, "site", None) == "llm" and compressor.applies_at(i):
                 if past_mask is None:  # training / prefill; decode steps reuse the compressed cache
                     state = compressor.compress(state, i, layer)
@@ -138,7 +153,7 @@ class LanguageModel(nn.Module):
                     layer_idx=i,
                 )
                 pos_emb = self.decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
-            hidden = layer(
+            hidden = forward(
                 state.hidden,
                 attention_mask=mask4d,
                 position_ids=state.position_ids,
