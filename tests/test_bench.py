@@ -133,3 +133,33 @@ def test_gpu_step_mfu_arithmetic_and_peaks():
             peak_bf16_flops(unknown)
     with pytest.raises(ValueError):
         mfu(1e12, 0.0, 989e12)
+
+
+def test_compile_bench_sizes_are_make_trains_model():
+    from omegaconf import OmegaConf
+
+    from vtc.bench.compile import SIZES
+
+    enc = OmegaConf.load(CONF_DIR / "encoder" / "tiny.yaml")
+    llm = OmegaConf.load(CONF_DIR / "llm" / "tiny.yaml").config
+    data = OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml")
+    assert (SIZES.image_size, SIZES.patch_size) == (enc.image_size, enc.config.patch_size)
+    assert (SIZES.vision_width, SIZES.vision_layers, SIZES.vision_mlp) == (
+        enc.config.hidden_size, enc.config.num_hidden_layers, enc.config.intermediate_size)
+    assert (SIZES.llm_width, SIZES.llm_layers, SIZES.llm_heads, SIZES.llm_ffn) == (
+        llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads, llm.intermediate_size)
+    assert SIZES.batch == data.batch_size
+
+
+@pytest.mark.slow
+def test_compile_bench_quick(tmp_path):
+    from vtc.bench import compile as bench
+
+    res = bench.main(["--quick", "--threads", "1", "--out", str(tmp_path / "c")])
+    assert res["eager_ms"] > 0 and res["compiled_ms"] > 0 and res["compile_s"] > 0
+    assert math.isclose(res["ratio"], res["compiled_ms"] / res["eager_ms"])
+    assert len(res["step_ms_all"]["eager"]) == len(res["step_ms_all"]["compiled"]) == 2
+    # the same weights and batch: the first step's loss agrees up to rounding
+    assert math.isclose(res["first_loss"]["eager"], res["first_loss"]["compiled"], rel_tol=1e-5)
+    assert "vs eager" in (tmp_path / "c.md").read_text()
+    assert json.loads((tmp_path / "c.json").read_text())["ratio"] == res["ratio"]
