@@ -194,6 +194,46 @@ def test_multi_turn_training_conversations(small, tmp_path):
         generate(tmp_path / "bad", workers=1, verbose=False, train_turns=0, **SMALL)
 
 
+def test_readout_rounds(small, tmp_path):
+    """train_readout=1 with train_turns=3: every training conversation ends with one round that
+    reads a whole row or column of its board out (the answer recomputed here from the board); the
+    image and first round are those of train_turns=1, the second round is a benchmark question
+    (answer recomputed), val/test are unchanged and the tokenizer knows the readout's words."""
+    import webdataset as wds
+
+    root, stats = small
+    ro = tmp_path / "ro"
+    rstats = generate(ro, workers=1, verbose=False, train_turns=3, train_readout=1, **SMALL)
+    assert rstats["splits"] == stats["splits"] and rstats["params"]["train_readout"] == 1
+
+    def read(r, split):
+        return list(wds.WebDataset(sorted(str(p) for p in (r / split).glob("*.tar")), shardshuffle=False,
+                                   empty_check=False))
+
+    for split in ("val", "test"):
+        assert [(s["jpg"], s["json"]) for s in read(ro, split)] == [(s["jpg"], s["json"]) for s in read(root, split)]
+    axes = Counter()
+    for a, b in zip(read(ro, "train"), read(root, "train"), strict=True):
+        conv = json.loads(a["json"])["conversations"]
+        assert a["jpg"] == b["jpg"] and conv[:2] == json.loads(b["json"])["conversations"] and len(conv) == 6
+        grid = np.array(json.loads(a["json"])["grid"])
+        _check_qa(grid, conv[2]["value"].split("\n")[0], conv[3]["value"])
+        q, ans = conv[4]["value"], conv[5]["value"]
+        assert q.endswith("\n" + SUFFIX)
+        m = re.fullmatch(r"What digits are in (row|column) (\d)\?", q.split("\n")[0])
+        assert m, q
+        axis, i = m.group(1), int(m.group(2)) - 1
+        line = grid[i, :] if axis == "row" else grid[:, i]
+        assert ans.split(" ") == ["none" if v == -1 else str(v) for v in line]
+        axes[axis] += 1
+    assert set(axes) == {"row", "column"}  # both kinds drawn (12 boards)
+    vocab = json.loads((ro / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"digits", "are", "row", "column"} <= set(vocab)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="train_readout must be in 0..train_turns-1"):
+            generate(tmp_path / f"bad{bad}", workers=1, verbose=False, train_turns=3, train_readout=bad, **SMALL)
+
+
 def test_shards_readable_by_tarfile_and_webdataset(small):
     import webdataset as wds
 

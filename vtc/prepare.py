@@ -32,6 +32,7 @@ def ensure_data(cfg: DictConfig) -> None:
             image_size=gen.image_size,
             grid=gen.grid,
             train_turns=gen.get("train_turns", 1),
+            train_readout=gen.get("train_readout", 0),
         )
 
 

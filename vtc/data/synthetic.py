@@ -198,20 +198,40 @@ def _ask_about(rng, board: np.ndarray, qtype: str) -> tuple[str, str] | None:
     return f"What digit is {phrase} the {int(board[r, c])}?", "none" if v == EMPTY else str(v)
 
 
-def follow_up_turns(rng, board: np.ndarray, first_question: str, n: int, mix: dict[str, float]) -> list[dict]:
-    """``n`` more question/answer rounds about the same board (types drawn from ``mix``, no
-    question repeated), as LLaVA-1.5's instruction mix groups the VQA questions of one image into
-    one multi-turn conversation."""
+def _readout_question(rng, board: np.ndarray) -> tuple[str, str]:
+    """A whole row or column read out: "What digits are in column 2?" -> "3 none 7" (top to
+    bottom; a row left to right)."""
+    i = int(rng.integers(0, board.shape[0]))
+    if rng.random() < 0.5:
+        question, line = f"What digits are in column {i + 1}?", board[:, i]
+    else:
+        question, line = f"What digits are in row {i + 1}?", board[i, :]
+    return question, " ".join("none" if int(v) == EMPTY else str(int(v)) for v in line)
+
+
+def follow_up_turns(rng, board: np.ndarray, first_question: str, n: int, mix: dict[str, float],
+                    readout: int = 0) -> list[dict]:
+    """``n`` more question/answer rounds about the same board (no question repeated), as
+    LLaVA-1.5's instruction mix groups the VQA questions of one image into one multi-turn
+    conversation: ``n - readout`` of the benchmark's types (drawn from ``mix``), then ``readout``
+    row/column readouts (:func:`_readout_question`; training data only, never asked in val/test)."""
     types, probs = list(mix), np.array(list(mix.values()))
     asked, turns = {first_question}, []
-    for _ in range(8 * n):
-        if len(turns) == 2 * n:
+
+    def add(qa) -> None:
+        if qa is not None and qa[0] not in asked:
+            asked.add(qa[0])
+            turns.extend([{"from": "human", "value": f"{qa[0]}\n{SUFFIX}"}, {"from": "gpt", "value": qa[1]}])
+
+    for _ in range(8 * (n - readout)):
+        if len(turns) == 2 * (n - readout):
             break
-        qa = _ask_about(rng, board, types[int(rng.choice(len(types), p=probs))])
-        if qa is None or qa[0] in asked:
-            continue
-        asked.add(qa[0])
-        turns += [{"from": "human", "value": f"{qa[0]}\n{SUFFIX}"}, {"from": "gpt", "value": qa[1]}]
+        add(_ask_about(rng, board, types[int(rng.choice(len(types), p=probs))]))
+    target = len(turns) + 2 * readout
+    for _ in range(8 * readout):
+        if len(turns) == target:
+            break
+        add(_readout_question(rng, board))
     return turns
 
 
@@ -254,10 +274,11 @@ def render_board(
 
 
 def make_sample(rng, key: str, qtype: str, grid: int, pool, image_size: int,
-                turns: int = 1, turn_rng=None) -> tuple[bytes, dict]:
+                turns: int = 1, turn_rng=None, readout: int = 0) -> tuple[bytes, dict]:
     """One sample: JPEG bytes and its JSON record. ``turns > 1``: the first question (of type
     ``qtype``; the board is drawn for it) is followed by ``turns - 1`` more about the same board,
-    drawn from ``turn_rng`` so the first question and the image do not depend on ``turns``."""
+    drawn from ``turn_rng`` so the first question and the image do not depend on ``turns``; the
+    last ``readout`` of those read a whole row or column out."""
     board, question, answer = _QUESTIONS[qtype](rng, grid)
     img = render_board(rng, board, pool, image_size)
     buf = io.BytesIO()
@@ -273,7 +294,7 @@ def make_sample(rng, key: str, qtype: str, grid: int, pool, image_size: int,
         "grid": [[int(v) for v in row] for row in board],
     }
     if turns > 1:
-        record["conversations"] += follow_up_turns(turn_rng, board, question, turns - 1, question_mix(grid))
+        record["conversations"] += follow_up_turns(turn_rng, board, question, turns - 1, question_mix(grid), readout)
     return buf.getvalue(), record
 
 
@@ -297,7 +318,7 @@ def _write_shard(job: dict) -> dict:
     pool = source_pools(job["seed"])[split]
     rng = np.random.default_rng([job["seed"], _SPLIT_CODE[split], shard])
     turn_rng = np.random.default_rng([job["seed"], _SPLIT_CODE[split], shard, 1])
-    turns = job.get("turns", 1)
+    turns, readout = job.get("turns", 1), job.get("readout", 0)
     mix = question_mix(grid)
     types, probs = list(mix), np.array(list(mix.values()))
     answers: dict[str, Counter] = {t: Counter() for t in types}
@@ -306,7 +327,7 @@ def _write_shard(job: dict) -> dict:
         for i in range(start, start + count):
             key = f"{split}_{i:06d}"
             qtype = types[int(rng.choice(len(types), p=probs))]
-            jpg, record = make_sample(rng, key, qtype, grid, pool, image_size, turns, turn_rng)
+            jpg, record = make_sample(rng, key, qtype, grid, pool, image_size, turns, turn_rng, readout)
             _add_member(tar, f"{key}.jpg", jpg)
             _add_member(tar, f"{key}.json", json.dumps(record).encode("utf-8"))
             answers[qtype][record["conversations"][1]["value"]] += 1
@@ -358,11 +379,15 @@ def generate(
     workers: int | None = None,
     verbose: bool = True,
     train_turns: int = 1,
+    train_readout: int = 0,
 ) -> dict:
     """Generate the benchmark into ``out_dir`` (replacing an earlier generated one); see module doc.
 
     ``train_turns``: question/answer rounds per training conversation (val and test keep one, the
     benchmark's format); priors count the first question of each sample only.
+    ``train_readout``: how many of a training conversation's follow-up rounds read a whole row or
+    column out ("What digits are in column 2?" -> "3 none 7"); 0 .. train_turns - 1. They teach
+    the text-to-grid mapping that cell and relation questions need; val/test never ask them.
 
     Returns the statistics also saved in ``meta.json``: ``params``, ``splits[split]`` =
     ``{n, overall_prior, types: {qtype: {n, majority, prior}}}``,
@@ -370,6 +395,9 @@ def generate(
     """
     if int(train_turns) < 1:
         raise ValueError(f"train_turns must be >= 1, got {train_turns}")
+    if not 0 <= int(train_readout) < int(train_turns):
+        raise ValueError(f"train_readout must be in 0..train_turns-1 = 0..{int(train_turns) - 1} (readouts are "
+                         f"follow-up rounds), got {train_readout}")
     if grid < 1 or image_size < 4 * grid or shard_size < 1:
         raise ValueError(f"need grid >= 1, image_size >= 4*grid, shard_size >= 1 (got {grid}, {image_size}, {shard_size})")
     sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
@@ -377,7 +405,7 @@ def generate(
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
     params = {"seed": int(seed), "n_train": sizes["train"], "n_val": sizes["val"], "n_test": sizes["test"],
               "image_size": int(image_size), "grid": int(grid), "shard_size": int(shard_size),
-              "train_turns": int(train_turns)}
+              "train_turns": int(train_turns), "train_readout": int(train_readout)}
     out = Path(out_dir)
     if out.exists() and not _replaceable(out):
         raise FileExistsError(f"{out} exists and does not look like a generated benchmark; not overwriting it")
@@ -397,7 +425,8 @@ def generate(
                 jobs.append({"split": split, "shard": shard, "start": start, "count": count,
                              "path": str(tmp / split / name), "seed": int(seed), "grid": int(grid),
                              "image_size": int(image_size),
-                             "turns": int(train_turns) if split == "train" else 1})
+                             "turns": int(train_turns) if split == "train" else 1,
+                             "readout": int(train_readout) if split == "train" else 0})
             index[split] = {"shards": shards, "total": sizes[split]}
         workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, int(workers))
         workers = min(workers, max(1, len(jobs)))
@@ -478,11 +507,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grid", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=2000)
     p.add_argument("--train-turns", type=int, default=1, help="question rounds per training conversation")
+    p.add_argument("--train-readout", type=int, default=0,
+                   help="of those, follow-up rounds that read a whole row or column out")
     p.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 8)")
     p.add_argument("--force", action="store_true", help="regenerate even when DONE exists")
     a = p.parse_args(argv)
     kw = dict(seed=a.seed, n_train=a.train, n_val=a.val, n_test=a.test, image_size=a.image_size,
-              grid=a.grid, shard_size=a.shard_size, workers=a.workers, train_turns=a.train_turns)
+              grid=a.grid, shard_size=a.shard_size, workers=a.workers, train_turns=a.train_turns,
+              train_readout=a.train_readout)
     if a.force or not (Path(a.out) / "DONE").exists():
         return generate(a.out, **kw)
     stats = ensure_synthetic(a.out, **{k: v for k, v in kw.items() if k != "workers"})
