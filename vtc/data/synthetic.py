@@ -22,6 +22,11 @@ One question per image, answered with a single word (questions say rows/columns 
               neighbour's digit or ``"none"``; asked only when the anchor digit is unique on the
               board and the neighbour cell exists.
 
+Training conversations may hold more rounds about the same board (``train_turns``), and the last
+``train_readout`` of them read a whole row or column out: "What digits are in column 2?" ->
+``"3 none 7"`` (top to bottom; a row left to right). Readouts are training data only, like the
+captions and grounding data of LLaVA's instruction mix; val and test ask the three types above.
+
 Mix: ``QUESTION_MIX`` (cell 40%, count 30%, relation 30%; relation needs grid >= 2). The
 *prior* of a question type is the accuracy of always giving that type's most frequent answer;
 expected priors are ~12% (cell, relation) and ~17% (count), ~13-14% overall, and the generator
@@ -46,7 +51,8 @@ with ``(seed, split, shard)``). Generation happens in a temporary sibling direct
 renamed into place at the end, so a killed run leaves nothing that looks complete.
 
 CLI: ``python -m vtc.data.synthetic --out DIR [--seed 0] [--train 20000 --val 500 --test 500]
-[--image-size 112] [--grid 3] [--shard-size 2000] [--workers N] [--force]``.
+[--image-size 112] [--grid 3] [--train-turns 1] [--train-readout 0] [--shard-size 2000] [--workers N]
+[--force]``.
 """
 
 from __future__ import annotations
