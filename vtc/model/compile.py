@@ -14,8 +14,8 @@ list, so state dicts and checkpoints are the same with or without compilation.
 ``compile_llm``: ``false`` (the default), ``true``, or ``auto``: compile when training on the CPU
 for at least :data:`AUTO_MIN_STEPS` steps -- shorter runs (tests, smoke runs) would spend more
 time compiling than they save. Off by default because the different rounding alone moved make
-train's seed-0 val/acc from 51.0% to 47.6% (conf/train.yaml, README): the default run stays the
-measured one. On a machine where compilation fails (no C++ compiler, say) the first training step
+train's seed-0 val/acc from 51.0% to 47.6% before the readout round (conf/train.yaml, README):
+the default run stays the measured one. On a machine where compilation fails (no C++ compiler, say) the first training step
 warns and continues eagerly.
 """
 from __future__ import annotations
