@@ -26,6 +26,9 @@ def cfg(*overrides):
         (["data=llava", "data.train_shards='/nonexistent/shard-{000..001}.tar'", "llm.tokenizer_path=x"],
          "data.train_shards", "does not exist"),
         (["trainer.max_steps=0"], "trainer.max_steps", "positive"),
+        (["data.generate.train_readout=3"], "data.generate.train_readout", "must be in 0..2"),
+        (["data.generate.train_turns=1"], "data.generate.train_readout", "must be in 0..0"),
+        (["data.generate.train_turns=0", "data.generate.train_readout=0"], "data.generate.train_turns", ">= 1"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, words):

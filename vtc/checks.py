@@ -74,6 +74,21 @@ def check_data_paths(cfg: DictConfig) -> None:
                     raise ConfigError(f"data.{key}", f"shard {path!r} does not exist (from {pat!r})")
 
 
+def check_generate(cfg: DictConfig) -> None:
+    """The synthetic set's training rounds: train_turns >= 1, 0 <= train_readout < train_turns
+    (readouts are follow-up rounds), checked here so a bad value fails before data is generated."""
+    gen = OmegaConf.select(cfg, "data.generate")
+    if not gen:
+        return
+    turns, readout = gen.get("train_turns", 1), gen.get("train_readout", 0)
+    if turns < 1:
+        raise ConfigError("data.generate.train_turns", f"must be >= 1, got {turns}")
+    if not 0 <= readout < turns:
+        raise ConfigError("data.generate.train_readout",
+                          f"must be in 0..{turns - 1} (readouts are follow-up rounds of the "
+                          f"data.generate.train_turns={turns} rounds), got {readout}")
+
+
 def check_config(cfg: DictConfig) -> tuple[EncoderInfo, int]:
     info = encoder_info_from_cfg(cfg)
     depth = llm_depth_from_cfg(cfg)
@@ -85,6 +100,7 @@ def check_config(cfg: DictConfig) -> tuple[EncoderInfo, int]:
             f"set data.image_size={info.image_size}",
         )
     check_data_paths(cfg)
+    check_generate(cfg)
     if "compile_llm" in cfg:
         from vtc.model.compile import should_compile
 
