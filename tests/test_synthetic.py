@@ -163,23 +163,26 @@ def _check_qa(grid: np.ndarray, question: str, answer: str) -> None:
         assert answer == ("none" if v == -1 else str(v))
 
 
+def _read_split(root: Path, split: str) -> list[dict]:
+    """Every sample of a generated split, in shard order, as webdataset reads it."""
+    import webdataset as wds
+
+    return list(wds.WebDataset(sorted(str(p) for p in (root / split).glob("*.tar")), shardshuffle=False,
+                               empty_check=False))
+
+
 def test_multi_turn_training_conversations(small, tmp_path):
     """train_turns=3: every training conversation has three rounds about its board (answers
     recomputed, no question asked twice); the image and first round are those of train_turns=1,
     and val/test are unchanged (one round), so priors and benchmarks do not move."""
-    import webdataset as wds
-
     root, stats = small
     multi = tmp_path / "m"
     mstats = generate(multi, workers=1, verbose=False, train_turns=3, **SMALL)
     assert mstats["splits"] == stats["splits"] and mstats["params"]["train_turns"] == 3
-    def read(r, split):
-        return list(wds.WebDataset(sorted(str(p) for p in (r / split).glob("*.tar")), shardshuffle=False,
-                                   empty_check=False))
-
     for split in ("val", "test"):
-        assert [(s["jpg"], s["json"]) for s in read(multi, split)] == [(s["jpg"], s["json"]) for s in read(root, split)]
-    for one, three in zip(read(root, "train"), read(multi, "train"), strict=True):
+        assert ([(s["jpg"], s["json"]) for s in _read_split(multi, split)]
+                == [(s["jpg"], s["json"]) for s in _read_split(root, split)])
+    for one, three in zip(_read_split(root, "train"), _read_split(multi, "train"), strict=True):
         assert one["jpg"] == three["jpg"]
         r1, r3 = json.loads(one["json"]), json.loads(three["json"])
         conv = r3["conversations"]
@@ -199,21 +202,16 @@ def test_readout_rounds(small, tmp_path):
     reads a whole row or column of its board out (the answer recomputed here from the board); the
     image and first round are those of train_turns=1, the second round is a benchmark question
     (answer recomputed), val/test are unchanged and the tokenizer knows the readout's words."""
-    import webdataset as wds
-
     root, stats = small
     ro = tmp_path / "ro"
     rstats = generate(ro, workers=1, verbose=False, train_turns=3, train_readout=1, **SMALL)
     assert rstats["splits"] == stats["splits"] and rstats["params"]["train_readout"] == 1
 
-    def read(r, split):
-        return list(wds.WebDataset(sorted(str(p) for p in (r / split).glob("*.tar")), shardshuffle=False,
-                                   empty_check=False))
-
     for split in ("val", "test"):
-        assert [(s["jpg"], s["json"]) for s in read(ro, split)] == [(s["jpg"], s["json"]) for s in read(root, split)]
+        assert ([(s["jpg"], s["json"]) for s in _read_split(ro, split)]
+                == [(s["jpg"], s["json"]) for s in _read_split(root, split)])
     axes = Counter()
-    for a, b in zip(read(ro, "train"), read(root, "train"), strict=True):
+    for a, b in zip(_read_split(ro, "train"), _read_split(root, "train"), strict=True):
         conv = json.loads(a["json"])["conversations"]
         assert a["jpg"] == b["jpg"] and conv[:2] == json.loads(b["json"])["conversations"] and len(conv) == 6
         grid = np.array(json.loads(a["json"])["grid"])
