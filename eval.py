@@ -6,9 +6,11 @@
 import hydra
 
 import vtc.config  # noqa: F401  (registers the config resolvers)
+from vtc.errors import exit_on_config_error
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@exit_on_config_error
 def main(cfg):
     from vtc.eval_task import evaluate
 

@@ -8,9 +8,11 @@ Examples:
 import hydra
 
 import vtc.config  # noqa: F401  (registers the config resolvers)
+from vtc.errors import exit_on_config_error
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@exit_on_config_error
 def main(cfg):
     from vtc.train_task import train
 

@@ -22,8 +22,7 @@ def test_kill_in_stage_two_and_resume(workspace):
     overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.model_checkpoint"))] + [
         f"trainer.max_steps={STEPS}",
         "callbacks.model_checkpoint.every_n_train_steps=1",
-        "compressor=vcc",
-        "schedule=llavolta",
+        "schedule=llavolta",  # adds LLaVolta's pooling on top of compressor=none
         "test=false",
         "trainer.val_check_interval=100",
         f"hydra.run.dir={run_dir}",

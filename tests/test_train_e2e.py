@@ -110,3 +110,43 @@ def test_first_run_equals_a_run_with_the_caches_warm(workspace, tmp_path):
     cold = losses()
     assert (tmp_path / "d" / "encoders").is_dir()
     assert cold == losses() and len(cold) == 3
+
+
+def test_the_design_cards_command_trains_stagewise_and_ends_as_plain_stf(workspace):
+    """`train.py compressor=stf schedule=llavolta`: STF's 16 of 64 tokens with LLaVolta's in-LLM
+    pooling on top, four stages over 8 steps (a switch every 2), each stage's tokens per LLM layer
+    logged (K scaled to 4 layers: 2 -> 0, 16 -> 2), the last stage plain STF, tested as plain STF."""
+    before = {r.info.run_id for r in workspace.runs()}
+    workspace.run("train.py", "compressor=stf", "schedule=llavolta", "trainer.max_steps=8")
+    (run,) = [r for r in workspace.runs() if r.info.run_id not in before]
+    client = workspace.client()
+    hist = {m: {h.step: h.value for h in client.get_metric_history(run.info.run_id, f"curriculum/{m}")}
+            for m in ("stage", "enabled", "layer_0_tokens", "layer_1_tokens", "layer_2_tokens", "layer_3_tokens")}
+    assert hist["stage"] == {0: 0, 2: 1, 4: 2, 6: 3}
+    per_layer = {s: [hist[f"layer_{i}_tokens"][s] for i in range(4)] for s in (0, 2, 4, 6)}
+    assert per_layer == {0: [2, 2, 2, 2], 2: [8, 8, 8, 8], 4: [16, 16, 8, 8], 6: [16, 16, 16, 16]}
+    assert hist["enabled"][6] == 0
+    assert run.data.metrics["test/visual_tokens"] == 16 and run.data.metrics["test/equiv_visual_tokens"] == 16
+    assert run.info.status == "FINISHED"
+    # eval.py rebuilds the deployed model from the checkpoint's config: plain STF, no schedule member.
+    ckpt = os.path.join(run.data.params["paths.output_dir"], "checkpoints", "last.ckpt")
+    workspace.run("eval.py", f"ckpt_path={ckpt}", tiny=False)
+    latest = max(workspace.runs("eval"), key=lambda r: r.info.start_time)
+    assert latest.data.tags["vtc.source_run_id"] == run.info.run_id
+    assert latest.data.metrics["test/equiv_visual_tokens"] == 16
+    assert latest.data.metrics["test/acc"] == pytest.approx(run.data.metrics["test/acc"])
+
+
+def test_a_refused_pair_fails_fast_with_no_data_and_no_mlflow_run(workspace, tmp_path):
+    import time
+
+    before = {r.info.run_id for r in workspace.runs()}
+    t0 = time.time()
+    proc = workspace.run("train.py", "compressor=fastv", "schedule=llavolta", data_dir=tmp_path / "fresh",
+                         check=False)
+    elapsed = time.time() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "schedule.adds" in out and "one compressor per site" in out, out[-2000:]
+    assert not os.path.exists(tmp_path / "fresh"), "data was generated before the config was checked"
+    assert {r.info.run_id for r in workspace.runs()} == before, "an MLflow run was created"
+    assert elapsed < 60, elapsed  # imports dominate (measured ~10 s on 2 idle cores)

@@ -29,7 +29,9 @@ def model_shape(model) -> ModelShape:
     """The ModelShape of an LMM: encoder cut at its selected layer, projector as built (a
     compressor that owns the projection, STF, contributes its MLP instead)."""
     # STF's fusion MLP is its projector (``mlp``); anything else a compressor runs is its own cost.
-    proj = getattr(model.compressor, "mlp", None) if model.compressor.owns_projection else model.projector
+    pipeline = model.pipeline
+    owner = next((m for m in pipeline.members() if m.owns_projection), None)
+    proj = getattr(owner, "mlp", None) if owner is not None else model.projector
     proj = proj if proj is not None else model.projector
     dims = linear_chain_dims(proj) or [model.encoder.info.hidden_size, model.llm.hidden_size]
     shape = ModelShape.from_hf_configs(model.encoder.model.config, model.llm.config, projector_dims=dims)

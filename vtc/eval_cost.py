@@ -190,7 +190,7 @@ class CostMeter:
 
                 info = model.encoder.info
                 rec.prefill_flops = batch_flops(self.shape, prompt["lengths"], vis, seen_cpu, None, trainable=None,
-                                                extra_per_image=model.compressor.own_flops(info.num_patches))
+                                                extra_per_image=model.pipeline.own_flops(info.num_patches))
         return (tokens, seen), rec
 
     # -- results -------------------------------------------------------------------------------------

@@ -19,6 +19,18 @@ log = logging.getLogger(__name__)
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
+        from vtc.parallel import is_sharded_checkpoint
+
+        # trainer=fsdp2 (and fsdp's sharded state dict) save a folder of shards per checkpoint;
+        # eval reads one weights-only file, which vtc.consolidate gathers from the shards.
+        if is_sharded_checkpoint(path):
+            out = path.rstrip("/") + ".consolidated.ckpt"
+            raise ConfigError("ckpt_path", f"{path!r} is a sharded checkpoint folder (trainer=fsdp2/fsdp), which "
+                              f"eval.py does not read; gather it into one file first: python -m vtc.consolidate "
+                              f"--ckpt {path} --out {out}, then eval.py ckpt_path={out}")
+        if os.path.isdir(path):
+            raise ConfigError("ckpt_path", f"{path!r} is a folder, not a checkpoint file; give a .ckpt file in it "
+                              "(e.g. checkpoints/last.ckpt)")
         raise ConfigError("ckpt_path", f"{path!r} is not a file")
     # weights_only: a checkpoint from someone else can hold tensors and plain data, never code.
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -63,7 +75,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         run_cfg = init_from_config(cfg)
     OmegaConf.set_struct(run_cfg, False)
     run_cfg.paths = cfg.paths
-    info, _ = check_config(run_cfg)
+    info, _ = check_config(run_cfg, training=False)
     from vtc.eval_bench import benchmark_spec
 
     bench = benchmark_spec(cfg)  # a LLaVA benchmark's files, checked before anything is built
@@ -71,7 +83,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         check_zero_shot(run_cfg, bench, info)
 
     from vtc.data.tokenizer import load_tokenizer
-    from vtc.tracking import ensure_experiment, log_config, parent_tags
+    from vtc.tracking import ensure_experiment, log_config, mlflow_logger, parent_tags
     from vtc.train_task import build_datamodule, build_module, write_predictions
 
     tokenizer = load_tokenizer(run_cfg.llm.tokenizer_path)
@@ -96,8 +108,9 @@ def evaluate(cfg: DictConfig) -> float | None:
                         **OmegaConf.to_container(cfg.trainer, resolve=True))
     out_dir = cfg.paths.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    if loggers:
-        log_config(loggers[0], run_cfg, out_dir)
+    logger = mlflow_logger(loggers)  # eval builds only the MLflow logger, or none
+    if logger is not None:
+        log_config(logger, run_cfg, out_dir)
     from vtc.eval_bench import cost_meter, log_benchmark_params, log_cost, run_benchmark
 
     meter = cost_meter(cfg, module.model)
@@ -108,8 +121,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     path = os.path.join(out_dir, "predictions.jsonl")
     write_predictions(path, module.predictions)
-    if loggers:
-        loggers[0].experiment.log_artifact(loggers[0].run_id, path)
+    if logger is not None:
+        logger.experiment.log_artifact(logger.run_id, path)
     metrics.update(log_cost(cfg, meter, loggers))
     log_benchmark_params(cfg, loggers)
     log.info("eval metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -91,7 +90,7 @@ def build_module(cfg: DictConfig, tokenizer):
     from vtc.lit.module import LMMModule
     from vtc.model.build import build_lmm
 
-    model = build_lmm(cfg, tokenizer)
+    model = build_lmm(cfg, tokenizer, training=True)
     return LMMModule(
         model,
         tokenizer=tokenizer,
@@ -119,6 +118,8 @@ def train(cfg: DictConfig) -> float | None:
     # Seeded after the data and encoder stages, which draw random numbers only when their caches
     # are cold: seeded before, a first run in a fresh folder built a different model from every
     # later run of the same config (make train's seed 0 ended at val/acc 40.8% instead of 47.6%).
+    import lightning as L  # imported after the check: a refused config answers in seconds
+
     L.seed_everything(cfg.seed, workers=True)
 
     from vtc.data.tokenizer import load_tokenizer
@@ -138,22 +139,25 @@ def train(cfg: DictConfig) -> float | None:
                           plugins=[AtomicCheckpointIO()])
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    mlflow_logger = next((lg for lg in loggers if hasattr(lg, "run_id")), None)
+    from vtc.tracking import mlflow_logger as find_mlflow_logger; mlflow_logger = find_mlflow_logger(loggers)  # noqa: E702
     module.run_config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     module.mlflow_run_id = mlflow_logger.run_id if mlflow_logger is not None else None
     if trainer.is_global_zero:
         log_config(mlflow_logger, cfg, output_dir)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    from vtc.tracking import closed_run
 
-    if cfg.get("test"):
-        trainer.test(module, datamodule=datamodule)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        if trainer.is_global_zero:
-            path = os.path.join(output_dir, "predictions.jsonl")
-            write_predictions(path, module.predictions)
-            if mlflow_logger is not None:
-                mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, path)
+    with closed_run(mlflow_logger):  # FINISHED / FAILED even where Lightning does not (debug=fdr)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+        if cfg.get("test"):
+            trainer.test(module, datamodule=datamodule)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            if trainer.is_global_zero:
+                path = os.path.join(output_dir, "predictions.jsonl")
+                write_predictions(path, module.predictions)
+                if mlflow_logger is not None:
+                    mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, path)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics.get(cfg.get("optimized_metric") or "", None)

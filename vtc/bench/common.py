@@ -98,8 +98,12 @@ def load_compressor(name: str, **overrides):
 
 
 def compressor_names() -> list[str]:
-    """Every compressor config file, ``none`` first."""
-    names = sorted(p.stem for p in (CONF_DIR / "compressor").glob("*.yaml"))
+    """Every single-method compressor config file, ``none`` first. Chains (``_target_`` Chain,
+    e.g. stf_vcc) are compositions of methods measured here one by one, and are left out."""
+    from omegaconf import OmegaConf
+
+    names = sorted(p.stem for p in (CONF_DIR / "compressor").glob("*.yaml")
+                   if not str(OmegaConf.load(p).get("_target_", "")).endswith(".Chain"))
     return ["none"] + [n for n in names if n != "none"]
 
 
@@ -269,9 +273,10 @@ def step_flops(model, outs, trainable=TRAIN_PARTS) -> float:
 
     shape = model_shape(model)
     n = model.encoder.info.num_patches
+    pipeline = model.pipeline
     return sum(batch_flops(shape, o.lengths, o.visual_in, o.seen, o.targets_per_sample, trainable=tuple(trainable),
-                           extra_per_image=model.compressor.own_flops(n),
-                           vision_tokens_per_layer=model.compressor.encoder_tokens(n)) for o in outs)
+                           extra_per_image=pipeline.own_flops(n),
+                           vision_tokens_per_layer=pipeline.encoder_tokens(n)) for o in outs)
 
 
 def attention_flops(model, outs, train_multiplier: int = 3) -> float:

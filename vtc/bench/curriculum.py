@@ -49,7 +49,7 @@ def run(sizes: C.Sizes | None = None, steps: int = 16, repeats: int = 5, block: 
 
 def _run(s: C.Sizes, T: int, repeats: int, block: int, schedule: str, log) -> dict:
     from vtc.flops import llavolta_cr
-    from vtc.lit.curriculum import CompressionCurriculum, parse_stages, stage_at
+    from vtc.compressors.schedule import apply_stage, parse_stages, stage_at
 
     sched = load_schedule(schedule)
     N = s.llm_layers
@@ -64,7 +64,7 @@ def _run(s: C.Sizes, T: int, repeats: int, block: int, schedule: str, log) -> di
     gc.freeze()
     vcc = arms["llavolta"][0].compressor
     for st in stages:  # the callback's setup() check: every stage must be valid for this model
-        CompressionCurriculum._apply(vcc, st)
+        apply_stage(vcc, st.knobs)
         vcc.check(arms["llavolta"][0].encoder.info, N)
 
     def stage_of(arm: str, t: int) -> int | None:
@@ -74,7 +74,7 @@ def _run(s: C.Sizes, T: int, repeats: int, block: int, schedule: str, log) -> di
         model, opt = arms[arm]
         idx = stage_of(arm, t)
         if idx is not None:
-            CompressionCurriculum._apply(model.compressor, stages[idx])
+            apply_stage(model.compressor, stages[idx].knobs)
         if record:
             with C.recording_forwards(model) as outs:
                 C.train_step(model, batch, opt)

@@ -37,6 +37,11 @@ class Compressor(nn.Module):
     #: True when the method reads the CLS token (PruMerge+, VisionZip): encoders without one
     #: (SigLIP) must be told at start-up.
     needs_cls: ClassVar[bool] = False
+    #: True when the method runs a layer's submodules or reads its weights outside that layer's
+    #: own forward (FastV/DART score with a decoder layer's q/k; ToMe, PruMerge+ and VisionZip
+    #: recompute encoder attention). FSDP1 keeps such weights as flat shards there: the config
+    #: check sends these methods to trainer=fsdp2, which vtc unshards explicitly.
+    reads_layer_weights: ClassVar[bool] = False
 
     #: False turns the method off without removing it (a curriculum's uncompressed stage).
     #: Methods whose parameters replace the projector (STF) cannot be turned off.
@@ -62,6 +67,14 @@ class Compressor(nn.Module):
             if k not in self.knobs:
                 raise ConfigError(f"compressor.{k}", f"not a knob of {type(self).__name__}; knobs: {list(self.knobs)}")
             setattr(self, k, v)
+
+    def budget_knobs(self, tokens: int, n: int, encoder: EncoderInfo) -> dict:
+        """Knob values that make the method keep about ``tokens`` of the ``n`` visual tokens entering
+        it: how a ``keep:`` stage of a schedule (conf/schedule/coarse_to_fine.yaml) maps onto this
+        method's own knobs. Methods without a token-count knob refuse."""
+        raise ConfigError("schedule", f"{type(self).__name__} has no knob that sets how many visual tokens it keeps "
+                          f"(knobs: {list(self.knobs) or 'none'}); schedule its knobs by name (stages' knobs:) or "
+                          "use schedule=llavolta, which adds LLaVolta's in-LLM pooling on top of it")
 
     def training_variants(self) -> list[dict]:
         """Knob settings to average the training loss over (M3 trains all scales at once).
@@ -155,6 +168,7 @@ class RatioPruner(LLMCompressor):
     """An in-LLM method that drops a fraction ``ratio`` of the visual tokens before ``layer``."""
 
     knobs: ClassVar[tuple[str, ...]] = ("layer", "ratio")
+    reads_layer_weights: ClassVar[bool] = True  # scores with the decoder layer's q/k projections
 
     def __init__(self, layer: int | None = 2, ratio: float = 0.5):
         super().__init__(layer)
@@ -169,6 +183,10 @@ class RatioPruner(LLMCompressor):
 
     def compressing(self) -> bool:
         return super().compressing() and self.ratio > 0
+
+    def budget_knobs(self, tokens: int, n: int, encoder: EncoderInfo) -> dict:
+        """Drop ratio R = 1 − tokens/n (kept = n − ⌊R·n⌋ = tokens)."""
+        return {"ratio": 1.0 - min(tokens, n) / n}
 
     def kept(self, n: int) -> int:
         return kept_count(n, self.ratio)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from vtc.compressors.base import RatioPruner, kept_count  # noqa: F401  (kept_count re-exported)
+from vtc.model.encoder import unshard_for_read
 from vtc.model.sequence import SeqState
 
 
@@ -80,21 +81,13 @@ def rotary_embedding(layer: nn.Module) -> nn.Module:
     return rope
 
 
-def _unshard(layer: nn.Module) -> None:
-    # FSDP2 shards parameters between forwards; reading submodules outside the layer's forward
-    # needs them gathered (the layer's own forward reshards them afterwards).
-    unshard = getattr(layer, "unshard", None)
-    if callable(unshard):
-        unshard()
-
-
 def layer_qk(state: SeqState, layer: nn.Module, query: bool = True):
     """Queries of ``state.query_index`` and keys of every token, as layer ``layer`` computes them.
 
     Returns (x [B, T, d] the normalised layer input, q [B, H, 1, hd] or None, k [B, H_kv, T, hd]);
     RoPE applied at each token's position, per-head q/k norms (Qwen3-style) applied when the
     attention has them."""
-    _unshard(layer)
+    unshard_for_read(layer)  # FSDP2: gather layer K's shards before reading its weights
     attn = layer.self_attn
     hd = attn.head_dim
     x = layer.input_layernorm(state.hidden)

@@ -48,6 +48,15 @@ class AvgPool2d(PreLLMCompressor):
     def tokens_out(self, n: int) -> int:
         return n // (self.stride * self.stride)
 
+    def budget_knobs(self, tokens: int, n: int, encoder) -> dict:
+        """The stride dividing the grid whose count (g/s)² is nearest ``tokens`` in log scale;
+        a tie keeps more tokens."""
+        import math
+
+        g = encoder.grid
+        strides = [s for s in range(1, g + 1) if g % s == 0]
+        return {"stride": min(strides, key=lambda s: (abs(math.log((g // s) ** 2 / tokens)), s))}
+
     def forward(self, features: torch.Tensor, enc) -> torch.Tensor:
         if self.stride == 1:
             return features

@@ -134,6 +134,7 @@ class _Ctx:
 class ToMe(Compressor):
     site: ClassVar[str] = "vision"
     knobs: ClassVar[tuple[str, ...]] = ("r", "tokens")
+    reads_layer_weights: ClassVar[bool] = True  # runs each block's attention and MLP itself
 
     def __init__(self, r: int | None = 8, tokens: int | None = None, start: int = 0, prop_attn: bool = True):
         super().__init__()
@@ -173,6 +174,10 @@ class ToMe(Compressor):
 
     def setup(self, encoder: EncoderInfo, llm_hidden: int) -> None:
         self._info = encoder
+
+    def budget_knobs(self, tokens: int, n: int, encoder: EncoderInfo) -> dict:
+        """``tokens`` patch tokens leaving the encoder (overrides r)."""
+        return {"tokens": max(1, min(tokens, n))}
 
     def _setup_info(self) -> EncoderInfo:
         if self._info is None:

@@ -77,6 +77,10 @@ class VisualContextCompressor(LLMCompressor):
     def compressing(self) -> bool:
         return super().compressing() and self.stride > 1
 
+    def budget_knobs(self, tokens: int, n: int, encoder) -> dict:
+        """Stride S = round(n / tokens) (n // S tokens left), at the configured layer."""
+        return {"stride": max(1, round(n / tokens))}
+
     # -- counting --------------------------------------------------------------------------------
     def kept(self, n: int) -> int:
         return n // self.stride  # the remainder n mod S is dropped, as avg_pool1d does

@@ -62,6 +62,7 @@ def contextual_merge(h: torch.Tensor, metric: torch.Tensor, contextual: int) -> 
 
 class VisionZip(PreLLMCompressor):
     needs_cls: ClassVar[bool] = True
+    reads_layer_weights: ClassVar[bool] = True  # CLS attention recomputed with an encoder block's q/k
     knobs: ClassVar[tuple[str, ...]] = ("dominant", "contextual")
 
     def __init__(self, dominant: int = 54, contextual: int = 10):
@@ -86,6 +87,12 @@ class VisionZip(PreLLMCompressor):
         if d - 1 + c > n:
             raise ConfigError("compressor.dominant", f"{d} dominant (CLS + {d - 1} patches) + {c} contextual tokens "
                               f"need more than the encoder's {n} patches")
+
+    def budget_knobs(self, tokens: int, n: int, encoder: EncoderInfo) -> dict:
+        """``tokens`` split between dominant and contextual as configured (54 : 10)."""
+        tokens = max(2, min(tokens, n + 1))
+        contextual = round(tokens * self.contextual / (self.dominant + self.contextual))
+        return {"dominant": tokens - contextual, "contextual": contextual}
 
     def setup(self, encoder: EncoderInfo, llm_hidden: int) -> None:
         self.extra_layers = (encoder.layer_index(encoder.select_layer) - 1,)

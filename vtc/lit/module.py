@@ -69,6 +69,9 @@ class LMMModule(L.LightningModule):
         # Cumulative training cost, kept in checkpoints so a resumed run continues the totals.
         self.flops_cum = 0.0
         self.train_time_cum = 0.0
+        # Run-average equivalent visual tokens: where a stage-wise run sits on a cost axis (its last
+        # stage's count says nothing of what the run cost).
+        self.equiv_sum, self.equiv_steps = 0.0, 0
         self._shape = None
         # Set by the task: the resolved run config (YAML) and the MLflow run id, stored in every
         # checkpoint so eval.py can rebuild the model and a resumed run can continue its MLflow run.
@@ -116,11 +119,16 @@ class LMMModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/visual_tokens", vis, batch_size=bs)
         self.log("train/equiv_visual_tokens", equiv, batch_size=bs)
-        info = self.model.encoder.info
-        step_flops = batch_flops(self.shape, out.lengths, out.visual_in, out.seen, out.targets_per_sample,
-                                 trainable=self.train_parts,
-                                 extra_per_image=self.model.compressor.own_flops(info.num_patches),
-                                 vision_tokens_per_layer=self.model.compressor.encoder_tokens(info.num_patches))
+        self.equiv_sum += equiv
+        self.equiv_steps += 1
+        self.log("train/equiv_visual_tokens_avg", self.equiv_sum / self.equiv_steps, batch_size=bs)
+        n = self.model.encoder.info.num_patches
+        pipeline = self.model.pipeline
+        # Every forward the step ran (M3: one per scale) is counted, at the chain's token counts.
+        step_flops = sum(batch_flops(self.shape, o.lengths, o.visual_in, o.seen, o.targets_per_sample,
+                                     trainable=self.train_parts, extra_per_image=pipeline.own_flops(n),
+                                     vision_tokens_per_layer=pipeline.encoder_tokens(n))
+                         for o in out.all_passes())
         self.flops_cum += step_flops * self.trainer.world_size
         self.log("train/tflops_step", step_flops / 1e12, batch_size=bs)
         self.log("train/tflops_cum", self.flops_cum / 1e12, batch_size=bs)
@@ -234,12 +242,16 @@ class LMMModule(L.LightningModule):
             "mlflow_run_id": self.mlflow_run_id,
             "flops_cum": self.flops_cum,
             "train_time_cum": self.train_time_cum,
+            "equiv_sum": self.equiv_sum,
+            "equiv_steps": self.equiv_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("vtc") or {}
         self.flops_cum = float(state.get("flops_cum", 0.0))
         self.train_time_cum = float(state.get("train_time_cum", 0.0))
+        self.equiv_sum = float(state.get("equiv_sum", 0.0))
+        self.equiv_steps = int(state.get("equiv_steps", 0))
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -12,11 +12,20 @@ ENCODER_META = ("pretrain", "image_size")
 LLM_META = ("tokenizer_path",)
 
 
-def build_lmm(cfg: DictConfig, tokenizer) -> LMM:
+def build_lmm(cfg: DictConfig, tokenizer, training: bool = False) -> LMM:
+    """``training``: also attach the member the schedule adds (``vtc.compose``); eval and export
+    build the deployed model, which never has it."""
+    from vtc.compose import build_compressors
+
+    compressor, added = build_compressors(cfg, training=training)
     if (cfg.get("model") or {}).get("init_from"):  # a LLaVA / exported directory (vtc.interop.llava)
         from vtc.interop.llava import build_lmm_from_cfg
 
-        return build_lmm_from_cfg(cfg, tokenizer)
+        model = build_lmm_from_cfg(cfg, tokenizer)
+        if added is not None:
+            model.stage_compressor = added
+            model.pipeline.check(model.encoder.info, model.llm.num_layers)
+        return model
     enc_kwargs = node_kwargs(cfg.encoder, drop=ENCODER_META)
     if cfg.encoder.get("pretrain"):
         enc_kwargs["config"] = None  # the pre-trained copy at `path` is the model
@@ -28,7 +37,6 @@ def build_lmm(cfg: DictConfig, tokenizer) -> LMM:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             llm_kwargs["config"].setdefault(name, getattr(tokenizer, name))
     llm = instantiate(llm_kwargs)
-    compressor = instantiate(cfg.compressor)
     return LMM(
         encoder,
         llm,
@@ -37,4 +45,5 @@ def build_lmm(cfg: DictConfig, tokenizer) -> LMM:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        stage_compressor=added,
     )

@@ -9,6 +9,8 @@ layers, norm, rotary_emb}`` and ``model.lm_head``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 
@@ -148,17 +150,17 @@ class LanguageModel(nn.Module):
                     config=self.config,
                     inputs_embeds=state.hidden,
                     attention_mask=key_mask,
-                    past_key_values=cache,
                     position_ids=state.position_ids,
                     layer_idx=i,
+                    **{cache_keyword(create_causal_mask): cache},
                 )
                 pos_emb = self.decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
             hidden = forward(
                 state.hidden,
                 attention_mask=mask4d,
                 position_ids=state.position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{cache_keyword(type(layer).forward): cache},
                 position_embeddings=pos_emb,
             )
             if isinstance(hidden, tuple):  # older decoder layers return tuples
@@ -170,6 +172,13 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
+
+
+@functools.cache
+def cache_keyword(fn) -> str:
+    """The name ``fn`` takes the KV cache under: ``cache`` since transformers 5.2x, where
+    ``past_key_values`` still works but warns on every call; ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def text_info(path: str | None, config: dict | None) -> dict:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtc.compressors.base import Compressor, NoCompression
+from vtc.compressors.chain import Pipeline
 from vtc.data.batch import IGNORE_INDEX
 from vtc.model.encoder import VisionEncoder
 from vtc.model.llm import LanguageModel
@@ -30,6 +31,12 @@ class LMMOutput:
     seen: torch.Tensor  # [num_layers, B] visual tokens each layer saw per sample
     lengths: torch.Tensor | None = None  # [B] LLM input length per sample
     targets_per_sample: torch.Tensor | None = None  # [B] positions with a loss
+    #: every forward the step ran (M3 trains all its scales: one pass each); None = this one alone.
+    #: FLOPs are summed over them, so a multi-pass step is counted in full.
+    passes: list["LMMOutput"] | None = None
+
+    def all_passes(self) -> list["LMMOutput"]:
+        return self.passes or [self]
 
 
 class LMM(nn.Module):
@@ -42,22 +49,44 @@ class LMM(nn.Module):
         image_token_id: int = -1,
         pad_token_id: int = 0,
         eos_token_id: int | None = None,
+        stage_compressor: Compressor | None = None,
     ):
+        """``compressor``: the configured method (or a ``Chain`` of one per site), the deployed
+        model's. ``stage_compressor``: a parameter-free member a training schedule adds at a free
+        site (LLaVolta's in-LLM pooling over what the configured one leaves); switched by the
+        curriculum, off at the end, and never in the state dict."""
         super().__init__()
         self.encoder = encoder
         self.llm = llm
         self.compressor = compressor if compressor is not None else NoCompression()
-        self.compressor.check(encoder.info, llm.num_layers)
-        self.compressor.setup(encoder.info, llm.hidden_size)
-        if self.compressor.owns_projection:
+        self.stage_compressor = stage_compressor
+        pipeline = self.pipeline  # refuses two members at one site
+        pipeline.check(encoder.info, llm.num_layers)
+        for member in pipeline.members():
+            member.setup(encoder.info, llm.hidden_size)
+        if stage_compressor is not None and (list(stage_compressor.parameters()) or list(stage_compressor.buffers())):
+            raise ValueError(f"schedule.adds: {type(stage_compressor).__name__} has parameters; a schedule may only "
+                             "add a parameter-free compressor (it is absent from the deployed model)")
+        pre = pipeline.by_site.get("pre_llm")
+        if pipeline.owns_projection:
             self.projector = nn.Identity()
         else:
-            in_dim = self.compressor.output_dim(encoder.info.hidden_size)
+            in_dim = pre.output_dim(encoder.info.hidden_size) if pre is not None else encoder.info.hidden_size
             self.projector = build_projector(projector, in_dim, llm.hidden_size)
         self.projector_kind = projector
         self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The run's compressors by site (vision, pre_llm, llm), the schedule's member included."""
+        return Pipeline.of(self.compressor, self.stage_compressor)
+
+    @property
+    def schedule_target(self) -> Compressor:
+        """What a schedule's stages switch: the member it added, else the configured compressor."""
+        return self.stage_compressor if self.stage_compressor is not None else self.compressor
 
     # -- parts -----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -66,16 +95,16 @@ class LMM(nn.Module):
         A compressor whose token count differs per image (PruMerge+) returns a list of [V_i, C];
         each element is projected (the projector is per token: one call on the concatenation,
         split back) and the list of [V_i, d_llm] goes to the splice, which reads ``visual[i]``."""
-        comp = self.compressor
-        vision_comp = comp if comp.site == "vision" and comp.enabled else None
-        extra = getattr(comp, "extra_layers", ()) if comp.site == "pre_llm" else ()
+        pipeline = self.pipeline
+        vision_comp, pre = pipeline.active("vision"), pipeline.active("pre_llm")
+        extra = pipeline.extra_layers()
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(need_grad):
             enc = self.encoder(pixel_values, keep_states=tuple(extra), vision_compressor=vision_comp)
         enc.encoder = self.encoder
         feats = enc.features
-        if comp.site == "pre_llm" and comp.enabled:
-            feats = comp(feats, enc)
+        if pre is not None:
+            feats = pre(feats, enc)
         if isinstance(feats, (list, tuple)):
             flat = self.projector(torch.cat(list(feats)).to(self.projector_dtype))
             return list(flat.split([len(f) for f in feats]))
@@ -101,22 +130,24 @@ class LMM(nn.Module):
     # -- training --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> LMMOutput:
         """Teacher-forced loss. A compressor that trains over several settings at once (M3's
-        nested scales) lists them in ``training_variants()``; the loss is their mean."""
-        variants = self.compressor.training_variants() if self.training else []
+        nested scales) lists them in ``training_variants()``; the loss is their mean, and every
+        pass is kept in ``passes`` for the cost accounting."""
+        variants = self.pipeline.training_variants() if self.training else []
         if not variants:
             return self._forward_once(batch)
-        saved = self.compressor.get_knobs()
+        member = variants[0][0]
+        saved = member.get_knobs()
         outs = []
         try:
-            for knobs in variants:
-                self.compressor.set_knobs(**knobs)
+            for _, knobs in variants:
+                member.set_knobs(**knobs)
                 outs.append(self._forward_once(batch))
         finally:
-            self.compressor.set_knobs(**saved)
+            member.set_knobs(**saved)
         loss = torch.stack([o.loss for o in outs]).mean()
         first = outs[0]
         return LMMOutput(loss=loss, num_targets=first.num_targets, visual_in=first.visual_in, seen=first.seen,
-                         lengths=first.lengths, targets_per_sample=first.targets_per_sample)
+                         lengths=first.lengths, targets_per_sample=first.targets_per_sample, passes=outs)
 
     def _forward_once(self, batch: dict) -> LMMOutput:
         state = self.build_sequence(
@@ -124,7 +155,7 @@ class LMM(nn.Module):
         )
         visual_in = state.visual_counts()
         lengths = state.lengths
-        out, seen, _ = self.llm.run_layers(state, self.compressor)
+        out, seen, _ = self.llm.run_layers(state, self.pipeline.active("llm"))
         valid = out.targets != IGNORE_INDEX
         logits = self.llm.logits(out.hidden[valid])
         n = int(valid.sum())
@@ -157,7 +188,8 @@ class LMM(nn.Module):
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         state = self.build_sequence(gen_input_ids, gen_attention_mask, None, pixel_values, image_index)
         cache = DynamicCache(config=self.llm.config)
-        out, seen, masks = self.llm.run_layers(state, self.compressor, cache=cache)
+        in_llm = self.pipeline.active("llm")
+        out, seen, masks = self.llm.run_layers(state, in_llm, cache=cache)
         B = out.hidden.shape[0]
         rows = torch.arange(B, device=out.hidden.device)
         last = out.lengths - 1
@@ -181,7 +213,7 @@ class LMM(nn.Module):
                 targets=None,
                 query_index=torch.zeros(B, dtype=torch.long, device=token.device),
             )
-            o, _, masks = self.llm.run_layers(step_state, self.compressor, cache=cache, past_mask=masks)
+            o, _, masks = self.llm.run_layers(step_state, in_llm, cache=cache, past_mask=masks)
             token = self.next_token(self.llm.logits(o.hidden[:, -1]))
             next_pos = next_pos + 1
         return result, torch.stack(seen)
