@@ -194,6 +194,37 @@ class DataSkipError(RuntimeError):
     """Too large a fraction of a split's samples was skipped (``data.max_skip_fraction``)."""
 
 
+class UnknownTokensError(DataSkipError):
+    """Too many supervised tokens of the training data are ``<unk>``: the tokenizer does not know
+    the data's words (``llm.tokenizer_path``). A :class:`DataSkipError`, so that the skip handler
+    re-raises it and the run stops, rather than counting it as one bad sample."""
+
+
+# A real LLM's tokenizer (SentencePiece with byte fallback, byte-level BPE) never emits <unk>; vtc's
+# word-level one emits it for every word outside the synthetic set. The share is judged once a
+# decoder (one per DataLoader worker) has seen UNK_CHECK_AFTER answer tokens: a few LLaVA samples,
+# a few synthetic batches (more than the 2-step interop tests decode, whose tiny Llava lacks digits).
+UNK_MAX_FRACTION = 0.05
+UNK_CHECK_AFTER = 1000
+
+
+def check_unknown_tokens(unk: int, total: int, tokenizer, max_fraction: float | None) -> None:
+    """Raise :class:`UnknownTokensError` when ``unk`` of ``total`` answer tokens exceed the limit."""
+    if max_fraction is None or total < UNK_CHECK_AFTER or unk <= max_fraction * total:
+        return
+    from vtc.data.tokenizer import is_word_level
+
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    what = " (a word-level tokenizer, such as llm=tiny's, built from the synthetic set's words)" if is_word_level(
+        tokenizer) else ""
+    raise UnknownTokensError(
+        f"llm.tokenizer_path: {unk} of the first {total} supervised (answer) tokens of the training data are "
+        f"<unk> ({unk / total:.1%} > data.max_unk_fraction={max_fraction:g}): {name}{what} does not know the "
+        "data's words, and the model would learn to answer <unk>. Use the real LLM's tokenizer: "
+        "llm.tokenizer_path=<its local dir> (llm=vicuna_7b llm.path=... sets it), or +data.max_unk_fraction=null "
+        "if the <unk>s are intended.")
+
+
 _SEEN, _SKIPPED, _TRUNCATED, _FIRST_REASON = 0, 1, 2, 3
 
 
@@ -330,7 +361,7 @@ class SampleDecoder:
 
     def __init__(self, tokenizer, template: str, max_length: int | None, processor: ImageProcessor,
                  require_supervision: bool, overlong: str = "truncate", stats: DataStats | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, max_unk_fraction: float | None = None):
         if overlong not in OVERLONG:
             raise ValueError(f"overlong: {overlong!r}; use one of {OVERLONG}")
         self.tokenizer = tokenizer
@@ -341,6 +372,17 @@ class SampleDecoder:
         self.overlong = overlong
         self.stats = stats
         self.system_prompt = system_prompt
+        self.max_unk_fraction = max_unk_fraction  # None: no <unk> guard (eval splits, other callers)
+        self._unk = self._supervised = 0  # this process's answer tokens so far (check_unknown_tokens)
+
+    def _count_unknown(self, labels: Sequence[int]) -> None:
+        unk_id = self.tokenizer.unk_token_id
+        if self.max_unk_fraction is None or unk_id is None:  # byte-level BPE (Qwen2) has no <unk>
+            return
+        supervised = [t for t in labels if t != IGNORE_INDEX]
+        self._unk += sum(t == unk_id for t in supervised)
+        self._supervised += len(supervised)
+        check_unknown_tokens(self._unk, self._supervised, self.tokenizer, self.max_unk_fraction)
 
     def __call__(self, sample: dict) -> dict:
         if self.stats is not None:
@@ -398,6 +440,7 @@ class SampleDecoder:
         if self.require_supervision and all(t == IGNORE_INDEX for t in enc["labels"]):
             raise SampleError("no_supervision",
                               f"{key}: no assistant token left after truncation to max_length={self.max_length}")
+        self._count_unknown(enc["labels"])
         return {
             "id": key,
             "input_ids": enc["input_ids"],
@@ -638,6 +681,7 @@ class _VTCData:
         group_window: int | None = None,
         val_max_samples: int | None = None,
         synthetic: dict | None = None,
+        max_unk_fraction: float | None = UNK_MAX_FRACTION,
     ):
         super().__init__()
         if root is None and train_shards is None and val_shards is None and test_shards is None:
@@ -675,6 +719,7 @@ class _VTCData:
         self.group_window = int(group_window) if group_window else 8 * self.batch_size
         self.val_max_samples = int(val_max_samples) if val_max_samples else None
         self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.max_unk_fraction = None if max_unk_fraction is None else float(max_unk_fraction)
         self._tokenizer = None
         self._stats = {s: DataStats(s, max_skip_fraction, skip_check_after) for s in _SPLITS}
         self._resolved: dict[str, tuple[list[str], list[int] | None, int | None]] = {}
@@ -767,7 +812,8 @@ class _VTCData:
     def _decoder(self, split: str) -> SampleDecoder:
         return SampleDecoder(self.tokenizer, self.template, self.max_length, self.processor,
                              require_supervision=split == "train", overlong=self.overlong, stats=self._stats[split],
-                             system_prompt=self.system_prompt)
+                             system_prompt=self.system_prompt,
+                             max_unk_fraction=self.max_unk_fraction if split == "train" else None)
 
     # -- loaders -------------------------------------------------------------------------------
     def train_batches_per_rank(self, world_size: int = 1) -> int:

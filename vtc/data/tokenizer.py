@@ -12,6 +12,11 @@ templates always pass ``add_special_tokens=False`` and insert ``<s>`` themselves
 when the vocabulary lacks it (then ``len(tokenizer)`` grows by one: a pretrained LLM must resize
 its embeddings to ``len(tokenizer)``), and sets a missing pad token to ``<unk>`` (LLaVA's choice
 for Llama) or else ``</s>``.
+
+The word-level tokenizer knows only the words it was built from: every other word of real data
+becomes ``<unk>`` without a warning (a model trained on such answers learns to say ``<unk>``: loss
+~0.01, accuracy 0). :func:`is_word_level` tells it apart; the datamodule's training decoder stops
+a run whose answer tokens hold too many ``<unk>`` (``data.max_unk_fraction``, vtc.data.datamodule).
 """
 
 from __future__ import annotations
@@ -83,3 +88,9 @@ def load_tokenizer(path: str | os.PathLike):
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def is_word_level(tokenizer) -> bool:
+    """Whether ``tokenizer`` is word-level (vtc's tiny one): it fits only the texts it was built from."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordLevel"

@@ -11,15 +11,17 @@ from __future__ import annotations
 import torch
 
 from vtc.model.lmm import LMM
+from vtc.model.splice import real_spans
 
 
 def hf_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_index: torch.Tensor,
               num_image_tokens: int, image_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """vtc batch -> (input_ids, attention_mask, pixel rows in sample order), right-padded."""
+    """vtc batch (any padding ``splice`` accepts) -> (input_ids, attention_mask, pixel rows in
+    sample order), right-padded."""
     rows, order = [], []
+    starts, lengths = real_spans(attention_mask)
     for b in range(input_ids.shape[0]):
-        n = int(attention_mask[b].sum())
-        ids = input_ids[b, :n]
+        ids = input_ids[b, starts[b]:starts[b] + lengths[b]]
         img = int(image_index[b])
         if img >= 0:
             p = int((ids == image_token_id).nonzero()[0])

@@ -1,9 +1,15 @@
 """Splice visual tokens into the text embeddings at each sample's ``<image>`` placeholder.
 
-Every sample has its own span: sample b's placeholder at text index p_b is replaced by its V_b
-visual tokens, text after it shifts right by V_b - 1, and the result is right-padded. Samples
-without an image pass through unchanged. Position ids are 0..len-1 of the spliced sequence (the
-LLaVA convention); visual tokens never carry a loss.
+Padding: the input may be right-padded (our collate), left-padded (HF processors, batched
+generation) or padded on both sides: each row's real tokens are wherever its attention mask is
+nonzero, and they must form one contiguous run (a mask with holes raises ``ValueError``). Only
+that run is read, so the padding layout never changes the result; the output is always
+right-padded, whatever the input's layout.
+
+Every sample has its own span: sample b's placeholder at text index p_b (counted from its first
+real token) is replaced by its V_b visual tokens, text after it shifts right by V_b - 1, and the
+result is right-padded. Samples without an image pass through unchanged. Position ids are
+0..len-1 of the spliced sequence (the LLaVA convention); visual tokens never carry a loss.
 """
 from __future__ import annotations
 
@@ -27,6 +33,30 @@ def query_positions(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     return first.long()
 
 
+def real_spans(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(start, length) of each row's real tokens: the one contiguous run where the mask is nonzero.
+
+    Raises ``ValueError`` for a row whose nonzero entries are not contiguous (a hole in the mask).
+    Batched, with one transfer to the host for the whole batch.
+    """
+    real = attention_mask != 0
+    T = real.shape[1]
+    idx = torch.arange(T, device=real.device)
+    n = real.sum(1)
+    first = torch.where(real, idx, T).amin(1) if T else n
+    last = torch.where(real, idx, -1).amax(1) if T else n - 1
+    first = torch.where(n > 0, first, 0)
+    holes = (n > 0) & (last - first + 1 != n)
+    starts, lengths, bad = torch.stack([first, n, holes.long()]).tolist()
+    if any(bad):
+        rows = [b for b, x in enumerate(bad) if x]
+        raise ValueError(
+            f"attention_mask rows {rows} are not one contiguous run of real tokens (holes in the mask); "
+            "splice accepts left, right or two-sided padding only"
+        )
+    return starts, lengths
+
+
 def splice(
     text_embeds: torch.Tensor,
     input_ids: torch.Tensor,
@@ -39,17 +69,20 @@ def splice(
     """Build the LLM input sequence.
 
     text_embeds [B, T, d] (the placeholder's own embedding is discarded), input_ids/attention_mask/
-    labels [B, T], image_index [B] (row of ``visual`` or -1), visual [N, V, d].
+    labels [B, T], image_index [B] (row of ``visual`` or -1), visual [N, V, d]. Any padding
+    layout with one contiguous run of real tokens per row (see the module docstring).
     """
     B = input_ids.shape[0]
+    starts, lengths = real_spans(attention_mask)
+    images = image_index.tolist()
     hs, masks, vis, labs = [], [], [], []
     for b in range(B):
-        n = int(attention_mask[b].sum())
-        ids = input_ids[b, :n]
-        emb = text_embeds[b, :n]
-        lab = labels[b, :n] if labels is not None else None
+        s, n = starts[b], lengths[b]
+        ids = input_ids[b, s : s + n]
+        emb = text_embeds[b, s : s + n]
+        lab = labels[b, s : s + n] if labels is not None else None
         slots = (ids == image_token_id).nonzero().squeeze(1)
-        img = int(image_index[b])
+        img = images[b]
         if img < 0:
             if len(slots):
                 raise ValueError(f"sample {b} has an <image> placeholder but no image")
