@@ -49,14 +49,21 @@ study-stf: setup
 study-stages: setup
 	$(PY) -m vtc.study llavolta_stages $(ARGS)
 
-## The MLflow dashboard on 127.0.0.1 only.
+## The MLflow dashboard on 127.0.0.1 only, of the store the runs log to: $MLFLOW_TRACKING_URI when
+## set, else the repo's sqlite file. Run artifacts lie beside a sqlite store (mlartifacts/, set by
+## vtc.tracking when an experiment is created), where the dashboard reads them.
+MLFLOW_STORE = $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+MLFLOW_DB = $(patsubst sqlite:///%,%,$(filter sqlite:///%,$(MLFLOW_STORE)))
 mlflow: setup
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(PY) -m mlflow ui --backend-store-uri '$(MLFLOW_STORE)' --host 127.0.0.1 --port 5000 \
+		$(if $(MLFLOW_DB),--artifacts-destination '$(dir $(MLFLOW_DB))mlartifacts')
 
 ## The speed benchmarks (CPU; tables in experiments/bench/): make bench ARGS=--quick for a smoke test
 bench: setup
 	$(PY) -m vtc.bench.compressors $(ARGS)
 	$(PY) -m vtc.bench.curriculum $(ARGS)
 
+## Runs logged to the repo's default store; mlruns/ is where MLflow put artifacts of experiments
+## created before vtc set their location.
 clean-runs:
-	rm -rf outputs multirun mlflow.db mlartifacts
+	rm -rf outputs multirun mlflow.db mlartifacts mlruns

@@ -273,18 +273,45 @@ def meta_lmm(overrides: list[str]):
     return lmm
 
 
+DEFAULT_OVERRIDES = ["encoder=clip_l14_336", "llm=vicuna_7b", "projector=mlp2x_gelu"]
+HELP = f"""usage: python -m vtc.parallel [-h] [--world N] [HYDRA_OVERRIDE ...]
+
+The FSDP2 plan (trainer=fsdp2) of a configured model: its units, and per rank of N the parameters
+each holds and allocates (fully_shard's Shard(0) padding), by part. The model is built on the meta
+device: no weights, no GPU, no process group.
+
+arguments:
+  --world N        ranks of the data-parallel mesh (default: 8)
+  HYDRA_OVERRIDE   overrides of the train config (conf/train.yaml), e.g. llm=qwen2_0_5b
+                   train_parts=[projector,llm] compressor=pool; none given:
+                   {' '.join(DEFAULT_OVERRIDES)} (LLaVA-1.5-7B)
+  -h, --help       this text"""
+
+
 def main(argv: list[str] | None = None) -> str:
     """``python -m vtc.parallel [--world N] [hydra overrides]``: the FSDP2 plan's parameters per
     rank of a configured model, built on the meta device. Default: LLaVA-1.5-7B on 8 ranks."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(HELP)
+        raise SystemExit(0)
     world = 8
     if "--world" in argv:
         i = argv.index("--world")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+            print(f"{HELP.splitlines()[0]}\npython -m vtc.parallel: --world takes a positive integer", file=sys.stderr)
+            raise SystemExit(2)
         world = int(argv[i + 1])
         del argv[i:i + 2]
-    overrides = argv or ["encoder=clip_l14_336", "llm=vicuna_7b", "projector=mlp2x_gelu"]
+    # A dash option is never a Hydra override: name it here instead of a Hydra parse error.
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+        print(f"{HELP.splitlines()[0]}\npython -m vtc.parallel: unknown option {unknown[0]!r} (--help lists the "
+              "arguments)", file=sys.stderr)
+        raise SystemExit(2)
+    overrides = argv or DEFAULT_OVERRIDES
     lmm = meta_lmm(overrides)
     rows = per_rank_table(lmm, world)
     total = sum(r.numel for r in rows)

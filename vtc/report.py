@@ -10,13 +10,14 @@ Writes into ``--out`` (default ``reports/<experiment>[-<parent>]``):
 - ``report.md``: the table (accuracies: ``test/acc``, ``val/acc``, ``test/acc_<question type>``
   and each benchmark's headline numbers from ``eval.py benchmark=...``: ``<bench>/acc``,
   ``pope/f1``, ``scienceqa/img_acc``, ``mme/perception``, ``mme/cognition``; visual tokens: ``test/visual_tokens`` and
-  ``test/equiv_visual_tokens``, falling back to the ``val/``, ``train/`` and ``cost/`` ones;
-  ``train/tflops_cum``; ``train/time_cum_s``; the evaluation cost ``cost/prefill_tflops``,
+  ``test/equiv_visual_tokens``, falling back to the ``val/``, ``train/`` and ``cost/`` ones; a
+  trained run's equivalent visual tokens averaged over all its training steps (a stage-wise run's
+  token cost); ``train/tflops_cum`` (the run's total); ``train/time_cum_s``; the evaluation cost ``cost/prefill_tflops``,
   ``cost/prefill_ms``, ``cost/decode_tok_s``, ``cost/kv_bytes``), Pareto membership;
 - ``report.json``: the same numbers, machine-readable;
 - ``acc_vs_tflops.png``, ``acc_vs_tokens.png``: accuracy against cost, the Pareto front marked
-  (TFLOPs = ``train/tflops_cum`` when the runs trained, else ``cost/prefill_tflops``, e.g. for
-  the ``eval`` experiment);
+  (when the runs trained: ``train/tflops_cum`` and the run-average equivalent tokens; else
+  ``cost/prefill_tflops`` and the visual tokens, e.g. for the ``eval`` experiment);
 - ``training_curves.png``: ``train/loss`` against step, coloured by the curriculum stage in force
   (the history of ``curriculum/stage``; stage 0 when a run has no curriculum).
 
@@ -88,8 +89,8 @@ def accuracy_columns(runs) -> list[str]:
     return cols
 
 
-def metric_value(run, col: str):
-    m = run.data.metrics
+def metric_value(run, col: str, derived: dict | None = None):
+    m = {**run.data.metrics, **((derived or {}).get(run.info.run_id) or {})}
     if col in ("visual_tokens", "equiv_visual_tokens"):
         for split in ("test", "val", "train", "cost"):
             if f"{split}/{col}" in m:
@@ -182,6 +183,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 COST_COLS = {"tflops": "train/tflops_cum", "tokens": "visual_tokens"}
+# A trained run's visual-token cost: the mean over its training steps of the equivalent tokens. A
+# stage-wise run changes them by stage, so its last (often uncompressed) stage's value misplaced it.
+RUN_AVG_TOKENS = "train/equiv_visual_tokens_avg"
+
+
+def run_averages(client, runs) -> dict:
+    """run id -> {RUN_AVG_TOKENS: value} for the runs that trained and do not log that running mean
+    themselves: the step-weighted mean of their train/equiv_visual_tokens history."""
+    from vtc.tracking import history_mean
+
+    todo = [r for r in runs if "train/equiv_visual_tokens" in r.data.metrics and RUN_AVG_TOKENS not in r.data.metrics]
+    means = {r.info.run_id: history_mean(client, r.info.run_id, "train/equiv_visual_tokens") for r in todo}
+    return {rid: {RUN_AVG_TOKENS: v} for rid, v in means.items() if v is not None}
+
+
+def tokens_column(runs, derived: dict | None = None) -> str:
+    """The tokens cost axis: the run average when the runs trained, else the test-time visual
+    tokens (as ``tflops_column`` picks training TFLOPs when the runs trained)."""
+    trained = derived or any(RUN_AVG_TOKENS in r.data.metrics for r in runs)
+    return RUN_AVG_TOKENS if trained else COST_COLS["tokens"]
 
 
 def tflops_column(runs) -> str:
@@ -191,16 +212,19 @@ def tflops_column(runs) -> str:
     return "cost/prefill_tflops" if any("cost/prefill_tflops" in r.data.metrics for r in runs) else "train/tflops_cum"
 
 
-def summarize(runs, metric: str | None = None) -> tuple[list[Group], list[str], str | None]:
+def summarize(runs, metric: str | None = None, derived: dict | None = None) -> tuple[list[Group], list[str], str | None]:
+    """``derived``: per run id, metrics computed from histories (``run_averages``)."""
     groups = group_runs(runs)
     acc_cols = accuracy_columns(runs)
     present = {k for r in runs for k in r.data.metrics}
     cost_keys = [k for k in COST_SHOWN if k in present]
-    cols = acc_cols + list(TOKEN_KEYS) + ["train/tflops_cum", "train/time_cum_s"] + cost_keys
-    cost_cols = {**COST_COLS, "tflops": tflops_column(runs)}
+    tokens_col = tokens_column(runs, derived)
+    cols = (acc_cols + list(TOKEN_KEYS) + ([tokens_col] if tokens_col == RUN_AVG_TOKENS else [])
+            + ["train/tflops_cum", "train/time_cum_s"] + cost_keys)
+    cost_cols = {"tflops": tflops_column(runs), "tokens": tokens_col}
     for g in groups:
         for col in cols:
-            vals = [metric_value(r, col) for r in g.runs]
+            vals = [metric_value(r, col, derived) for r in g.runs]
             vals = [v for v in vals if v is not None]
             m, s = mean_std(vals)
             g.stats[col] = (m, s, len(vals))
@@ -221,20 +245,22 @@ def fmt(mean: float, std: float, n: int, digits: int | str) -> str:
 
 
 DIGITS = {"train/tflops_cum": 4, "train/time_cum_s": 1, "visual_tokens": 1, "equiv_visual_tokens": 1,
-          "cost/prefill_tflops": ".4g", "cost/prefill_ms": 2, "cost/decode_tok_s": 1, "cost/kv_bytes": 0}
+          RUN_AVG_TOKENS: 1, "cost/prefill_tflops": ".4g", "cost/prefill_ms": 2, "cost/decode_tok_s": 1, "cost/kv_bytes": 0}
 HEADERS = {"visual_tokens": "visual tokens", "equiv_visual_tokens": "equiv. visual tokens",
+           RUN_AVG_TOKENS: "equiv. visual tokens (train, run avg)",
            "train/tflops_cum": "TFLOPs (train)", "train/time_cum_s": "train time (s)",
            "cost/prefill_tflops": "prefill TFLOPs/sample", "cost/prefill_ms": "prefill ms (TTFT)",
            "cost/decode_tok_s": "decode tok/s", "cost/kv_bytes": "KV bytes"}
 
 
-def markdown(groups, cols, primary, experiment, parent, tflops_col: str = "train/tflops_cum") -> str:
+def markdown(groups, cols, primary, experiment, parent, tflops_col: str = "train/tflops_cum",
+             tokens_col: str = "visual_tokens") -> str:
     lines = [f"# Report: experiment `{experiment}`" + (f", sweep parent `{parent}`" if parent else ""), ""]
     lines.append(f"{sum(len(g.runs) for g in groups)} runs in {len(groups)} configurations; "
                  "mean ± std (sample std, ddof=1) over seeds; n = runs per configuration.")
     if primary:
         lines.append(f"Pareto fronts: maximise `{primary}`, minimise TFLOPs (`{tflops_col}`) / visual tokens "
-                     "(✓ = on the front).")
+                     f"(`{tokens_col}`; ✓ = on the front).")
     lines.append("")
     head = ["configuration", "n"] + [HEADERS.get(c, c) for c in cols] + ["Pareto TFLOPs", "Pareto tokens"]
     lines.append("| " + " | ".join(head) + " |")
@@ -342,11 +368,13 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
     runs = fetch_runs(client, experiment, parent)
     if not runs:
         raise SystemExit(f"no runs in experiment {experiment!r}" + (f" under parent {parent}" if parent else ""))
-    groups, cols, primary = summarize(runs, metric)
+    derived = run_averages(client, runs)
+    groups, cols, primary = summarize(runs, metric, derived)
+    tokens_col = tokens_column(runs, derived)
     out = out or os.path.join("reports", experiment + (f"-{parent[:8]}" if parent else ""))
     os.makedirs(out, exist_ok=True)
     files = {
-        "report.md": markdown(groups, cols, primary, experiment, parent, tflops_column(runs)),
+        "report.md": markdown(groups, cols, primary, experiment, parent, tflops_column(runs), tokens_col),
     }
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(files["report.md"])
@@ -365,7 +393,9 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
         tcol = tflops_column(runs)
         xlabel = "training TFLOPs (train/tflops_cum)" if tcol == "train/tflops_cum" else f"prefill TFLOPs per sample ({tcol})"
         plot_pareto(groups, primary, "tflops", os.path.join(out, "acc_vs_tflops.png"), xlabel, col=tcol)
-        plot_pareto(groups, primary, "tokens", os.path.join(out, "acc_vs_tokens.png"), "visual tokens per image")
+        plot_pareto(groups, primary, "tokens", os.path.join(out, "acc_vs_tokens.png"),
+                    "equivalent visual tokens, mean over training steps" if tokens_col == RUN_AVG_TOKENS
+                    else "visual tokens per image", col=tokens_col)
     plot_curves(client, groups, os.path.join(out, "training_curves.png"))
     written = sorted(os.path.join(out, f) for f in os.listdir(out)
                      if f in ("report.md", "report.json", "acc_vs_tflops.png", "acc_vs_tokens.png", "training_curves.png"))

@@ -9,6 +9,7 @@ resumed run logs only the params it has not logged yet.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -31,7 +32,6 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
 def store_lock(uri: str):
     """A file lock serialising store creation for a sqlite URI (a no-op for other stores). The
     lock lives in the temp folder, keyed by the database's absolute path."""
-    import contextlib
     import hashlib
     import tempfile
 
@@ -59,8 +59,21 @@ def with_retries(fn, what: str, attempts: int = 6, delay: float = 0.5):
             time.sleep(delay * (2**i) * (0.5 + random.random()))
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment's run artifacts go: ``mlartifacts/`` beside a sqlite store's file
+    (MLflow's own default for a sqlite store is ``./mlruns`` of whatever folder the first run
+    started in, so artifacts ended up scattered and out of ``make mlflow``'s sight). None (the
+    store's or server's default) for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = os.path.abspath(uri[len("sqlite:///"):].split("?", 1)[0])  # a relative file is the cwd's, as for sqlite
+    return os.path.join(os.path.dirname(db), "mlartifacts")
+
+
 def ensure_experiment(uri: str, name: str) -> str:
-    """Create the store and the experiment if missing; return the experiment id."""
+    """Create the store and the experiment if missing; return the experiment id. A new
+    experiment keeps its artifacts beside the store (``artifact_root``); an existing one keeps the
+    location it was created with (MLflow cannot move it)."""
     from mlflow.tracking import MlflowClient
 
     def get_or_create():
@@ -69,7 +82,7 @@ def ensure_experiment(uri: str, name: str) -> str:
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=artifact_root(uri))
         except Exception:  # created concurrently by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -78,6 +91,19 @@ def ensure_experiment(uri: str, name: str) -> str:
 
     with store_lock(uri):
         return with_retries(get_or_create, f"store/experiment creation at {uri}")
+
+
+def history_mean(client, run_id: str, key: str) -> float | None:
+    """Mean of metric ``key`` over the training steps of a run, from its logged history: a value
+    stands for the steps since the previous logged one (Lightning logs every
+    ``log_every_n_steps``); a step logged twice (a resumed run) counts once, with its last value."""
+    history = sorted(with_retries(lambda: client.get_metric_history(run_id, key), "metric history"),
+                     key=lambda m: m.timestamp)
+    points = sorted({m.step: m.value for m in history}.items())
+    if not points:
+        return None
+    starts = [-1] + [step for step, _ in points[:-1]]
+    return sum((step - prev) * v for (step, v), prev in zip(points, starts)) / (points[-1][0] + 1)
 
 
 class MLflowSweepParent(Callback):
@@ -122,6 +148,12 @@ def parent_tags() -> dict:
     return {"mlflow.parentRunId": pid} if pid else {}
 
 
+def mlflow_logger(loggers):
+    """The MLflow logger among a trainer's ``loggers`` (the first one with a ``run_id``
+    attribute), or None: the one lookup train.py and eval.py (benchmarks included) use."""
+    return next((lg for lg in loggers if hasattr(lg, "run_id")), None)
+
+
 def log_config(logger, cfg: DictConfig, output_dir: str | None) -> None:
     """Params = the flattened resolved config (only keys not logged yet); artifact = config.yaml."""
     from vtc.config import flatten
@@ -148,3 +180,33 @@ def log_config(logger, cfg: DictConfig, output_dir: str | None) -> None:
         path = os.path.join(output_dir, "config.yaml")
         OmegaConf.save(cfg, path, resolve=True)
         client.log_artifact(logger.run_id, path)
+
+
+# MLflow run statuses a run is closed with (mlflow.entities.RunStatus names).
+_STATUS_OF = {KeyboardInterrupt: "KILLED", SystemExit: "KILLED"}
+
+
+@contextlib.contextmanager
+def closed_run(logger):
+    """Leave the MLflow run of ``logger`` terminated whatever happens in the block: FINISHED when
+    it ends normally and the run is still RUNNING, FAILED on an exception, KILLED on an interrupt.
+
+    Lightning terminates the runs of its own loggers, but ``fast_dev_run`` (``debug=fdr``) swaps
+    them for a DummyLogger after vtc has already opened the run (params, config.yaml), so nothing
+    closed it and it stayed RUNNING for good. ``logger``: an MLFlowLogger, or None (no-op); on
+    ranks other than 0 it has no run (``run_id`` None) and nothing is done."""
+    run_id = getattr(logger, "run_id", None) if logger is not None else None
+    try:
+        yield
+    except BaseException as e:
+        if run_id:
+            status = next((s for t, s in _STATUS_OF.items() if isinstance(e, t)), "FAILED")
+            try:  # never mask the error that ended the run
+                with_retries(lambda: logger.experiment.set_terminated(run_id, status), "run termination")
+            except Exception as e2:  # noqa: BLE001
+                log.warning("could not mark MLflow run %s %s: %s", run_id, status, e2)
+        raise
+    if run_id:
+        client = logger.experiment
+        if with_retries(lambda: client.get_run(run_id), "run status").info.status == "RUNNING":
+            with_retries(lambda: client.set_terminated(run_id, "FINISHED"), "run termination")
