@@ -40,6 +40,7 @@ from PIL import Image
 
 from vtc.data.batch import IGNORE_INDEX
 from vtc.errors import ConfigError
+from vtc.tracking import mlflow_logger
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,8 @@ def cost_meter(cfg: DictConfig, model):
     return CostMeter(model, warmup=int(cost.get("warmup", 1)), decode_probe=int(cost.get("decode_probe", 0) or 0))
 
 
-def _mlflow(loggers):
-    return next((lg for lg in loggers if hasattr(lg, "run_id")), None)
-
-
 def log_metrics(loggers, metrics: dict) -> None:
-    logger = _mlflow(loggers)
+    logger = mlflow_logger(loggers)
     if logger is None or not metrics:
         return
     import time
@@ -261,7 +258,7 @@ def log_cost(cfg: DictConfig, meter, loggers) -> dict:
 
 def log_benchmark_params(cfg: DictConfig, loggers, spec: dict | None = None) -> None:
     """The benchmark as params of the eval run (so reports keep benchmarks apart), its files as tags."""
-    logger = _mlflow(loggers)
+    logger = mlflow_logger(loggers)
     if logger is None:
         return
     client, run_id = logger.experiment, logger.run_id
@@ -288,7 +285,7 @@ def run_benchmark(spec: dict, cfg: DictConfig, module, datamodule, loggers, mete
     log_metrics(loggers, metrics)
     metrics.update(log_cost(cfg, meter, loggers))
     log_benchmark_params(cfg, loggers, spec)
-    logger = _mlflow(loggers)
+    logger = mlflow_logger(loggers)
     if logger is not None:
         logger.experiment.log_artifact(logger.run_id, path, artifact_path="answers")
         logger.finalize("success")

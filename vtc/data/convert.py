@@ -27,7 +27,7 @@ order, and contain no dot (webdataset splits key from extension at the first dot
 is in the JSON. Tar members are sorted by name, with mtime 0, uid/gid 0, mode 0644: a shard's bytes
 depend only on its input records and the options, never on ``--workers`` or on the clock.
 
-Image policy (see :func:`to_rgb`):
+Image policy (see :func:`to_rgb`, which is :func:`vtc.data.image.to_rgb` on white):
 
 * every image is decoded fully (a truncated or corrupt file is skipped, never half-kept) and
   re-encoded as an RGB JPEG at quality 95 (Pillow's default 4:2:0 chroma subsampling), without
@@ -109,6 +109,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from vtc.data.image import to_rgb as _to_rgb
+
 # Bump when a change alters the bytes written for the same input: it invalidates done markers.
 FORMAT_VERSION = 1
 JPEG_QUALITY = 95
@@ -136,8 +138,6 @@ UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _KEY_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]+")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 
 class SkipSample(Exception):
@@ -253,53 +253,10 @@ def validate_record(record: Any) -> str | None:
 # --------------------------------------------------------------------------- images
 
 
-def _stretch(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.round((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def _grey_to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float grey images to mode L (policy in the module docstring)."""
-    a = np.asarray(im)
-    if im.mode in _SIXTEEN_BIT_MODES:
-        out = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.floating):
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(a.min()), float(a.max())
-        if lo >= 0.0 and hi <= 1.0:
-            out = np.round(a * 255.0).astype(np.uint8)
-        elif lo >= 0.0 and hi <= 255.0:
-            out = np.round(a).astype(np.uint8)
-        else:
-            out = _stretch(a)
-    else:
-        a = a.astype(np.int64)
-        lo, hi = int(a.min()), int(a.max())
-        if lo >= 0 and hi <= 255:
-            out = a.astype(np.uint8)
-        elif lo >= 0 and hi <= 65535:
-            out = ((a * 255 + 32767) // 65535).astype(np.uint8)
-        else:
-            out = _stretch(a)
-    return Image.fromarray(np.ascontiguousarray(out), "L")
-
-
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
-    """Any Pillow image to RGB: alpha composited on ``background``, high bit depth scaled."""
-    mode = im.mode
-    if mode == "RGB" and "transparency" not in im.info:
-        return im
-    if mode in _ALPHA_MODES or im.has_transparency_data:
-        if mode == "La":  # premultiplied grey+alpha: Pillow converts it only to LA
-            im = im.convert("LA")
-        rgba = im.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F") or mode.startswith("I;"):
-        return _grey_to_8bit(im).convert("RGB")
-    return im.convert("RGB")
+    """Any Pillow image to RGB, composited on white by default: the one policy of
+    :func:`vtc.data.image.to_rgb` (the evaluation images' too), with the converter's background."""
+    return _to_rgb(im, background)
 
 
 def target_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:

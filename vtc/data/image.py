@@ -2,9 +2,11 @@
 
 Pipeline of :class:`ImageProcessor` (LLaVA-1.5 with ``image_aspect_ratio=pad``):
 
-1. any PIL mode -> RGB (:func:`to_rgb`): alpha is composited over the mean colour, so that
-   transparent pixels look like padding; 16/32-bit integer and float greyscale are rescaled to
-   8 bits rather than clipped; palette, CMYK, YCbCr, LAB, HSV, 1-bit go through PIL's converter.
+1. any PIL mode -> RGB (:func:`to_rgb`, the same policy as the shard converter's, which only
+   composites on white instead): alpha (and a palette/L/RGB transparency key) is composited
+   over the mean colour, so that transparent pixels look like padding; 16/32-bit integer and
+   float greyscale are rescaled to 8 bits rather than clipped (:func:`grey_to_8bit`); palette,
+   CMYK, YCbCr, LAB, HSV, 1-bit go through PIL's converter.
 2. pad to a square canvas filled with the mean colour, the image centred (:func:`pad_to_square`;
    the fill is ``int(m * 255)`` per channel, truncated as LLaVA's ``expand2square`` does; the
    offset is ``(long - short) // 2`` on the short side).
@@ -33,41 +35,73 @@ def fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
     return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
 
 
-def _wide_grey_to_l(img: Image.Image) -> Image.Image:
-    """Rescale a 16/32-bit integer or float greyscale image to 8-bit 'L' (PIL would clip)."""
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode == "F":
-        if arr.size and np.nanmax(arr) <= 1.0 and np.nanmin(arr) >= 0.0:
-            arr = arr * 255.0
-    elif img.mode.startswith("I;16") or (arr.size and 255 < arr.max() <= 65535 and arr.min() >= 0):
-        arr = arr / 257.0  # 0..65535 -> 0..255
-    elif arr.size and (arr.max() > 255 or arr.min() < 0):
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    arr = np.nan_to_num(arr, nan=0.0)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+# The one image-mode policy of the project: the converter's shards (``vtc.data.convert``, which
+# composites on white) and the images evaluation and the benchmarks read through
+# :class:`ImageProcessor` (composited on the mean colour) both go through :func:`to_rgb`.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def _stretch(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.round((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def grey_to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images to mode L, rescaled rather than clipped.
+
+    16-bit grey (I;16, I;16L, I;16B, I;16N) is scaled ``round(v * 255 / 65535)``; 32-bit integer
+    "I" images are read as 8-bit if all values lie in 0..255, as 16-bit if they lie in 0..65535,
+    else stretched min..max to 0..255; float "F" images as [0, 1] if they lie there, as 0..255 if
+    they lie there, else stretched min..max (NaN and +-inf -> 0 first). A flat image with no range
+    to stretch is black.
+    """
+    a = np.asarray(im)
+    if im.mode in SIXTEEN_BIT_MODES:
+        out = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0.0 and hi <= 1.0:
+            out = np.round(a * 255.0).astype(np.uint8)
+        elif lo >= 0.0 and hi <= 255.0:
+            out = np.round(a).astype(np.uint8)
+        else:
+            out = _stretch(a)
+    else:
+        a = a.astype(np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if lo >= 0 and hi <= 255:
+            out = a.astype(np.uint8)
+        elif lo >= 0 and hi <= 65535:
+            out = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        else:
+            out = _stretch(a)
+    return Image.fromarray(np.ascontiguousarray(out), "L")
 
 
 def to_rgb(img: Image.Image, background: Sequence[int] = (0, 0, 0)) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels are composited over ``background``."""
+    """Any Pillow image to RGB: alpha composited on ``background``, high bit depth scaled.
+
+    * transparency (LA, La, PA, RGBA, RGBa, P or L/RGB with a transparency key) is composited
+      on ``background`` (La, premultiplied, goes through LA: Pillow converts it only to LA);
+    * wide grey (I;16*, I, F) is rescaled to 8 bits by :func:`grey_to_8bit`, not clipped;
+    * everything else (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX, ...) goes through Pillow's
+      ``convert("RGB")``; an RGB image without a transparency key is returned as it is.
+    """
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    elif mode in ("I", "F") or mode.startswith("I;16"):
-        img = _wide_grey_to_l(img)
-        mode = "L"
-    elif mode == "1":
-        img = img.convert("L")
-        mode = "L"
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = (img.convert("LA") if mode == "La" else img).convert("RGBA")
-        base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+    if mode in ALPHA_MODES or img.has_transparency_data:
+        if mode == "La":  # premultiplied grey+alpha: Pillow converts it only to LA
+            img = img.convert("LA")
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*tuple(background), 255))
         return Image.alpha_composite(base, rgba).convert("RGB")
-    if mode == "RGB":
-        return img
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F") or mode.startswith("I;"):
+        return grey_to_8bit(img).convert("RGB")
     return img.convert("RGB")
 
 

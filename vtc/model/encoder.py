@@ -106,11 +106,16 @@ def encoder_info(config, select_layer: int = -2) -> EncoderInfo:
     return info
 
 
-def _gathered(layer: nn.Module) -> None:
-    """FSDP2 (trainer=fsdp2) keeps a sharded block's weights as shards outside its forward; the
-    one-row recomputations below read them directly, so gather them first (no-op otherwise; the
-    block's next forward reshards them)."""
-    unshard = getattr(layer, "unshard", None)
+def unshard_for_read(module: nn.Module) -> None:
+    """Gather an FSDP2-sharded module's parameters so they can be read outside its forward.
+
+    FSDP2 (trainer=fsdp2, ``fully_shard``) keeps a sharded module's weights as shards between
+    forwards; code that reads its submodules directly (the one-row recomputations below, FastV's
+    and DART's scores in ``vtc.compressors.fastv``) must gather them first. A no-op for a module
+    that is not sharded; the module's next forward reshards them. The project's one copy of this
+    policy (compressors import it from here; vtc.model does not import it from vtc.compressors).
+    """
+    unshard = getattr(module, "unshard", None)
     if callable(unshard):
         unshard()
 
@@ -204,7 +209,7 @@ class VisionEncoder(nn.Module):
         [B, heads, N]. Only the one query row is computed, so no N x N map is materialised.
         """
         layer = self.layers[state_index - 1]
-        _gathered(layer)
+        unshard_for_read(layer)
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_in)
         b, n, _ = x.shape
@@ -216,7 +221,7 @@ class VisionEncoder(nn.Module):
     def block_keys(self, state_index: int, hidden_in: torch.Tensor) -> torch.Tensor:
         """Keys [B, heads, N, head_dim] of block ``state_index`` for similarity-based merging."""
         layer = self.layers[state_index - 1]
-        _gathered(layer)
+        unshard_for_read(layer)
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_in)
         b, n, _ = x.shape
