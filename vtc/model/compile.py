@@ -3,7 +3,7 @@
 Why: the CPU step of the tiny model is dominated by the decoder layers' many small kernels;
 compiled (inductor, ``dynamic=True`` so batches of other padded lengths do not recompile), the
 make-train step took ~12% less time after ~12 s of compilation (200 steps side by side, 0.353 s
-against 0.402 s a step; README). The losses stay the same to rounding (2e-7 relative after 200
+against 0.402 s a step; experiments/bench/compile.md). The losses stay the same to rounding (2e-7 relative after 200
 steps): fused kernels round differently, nothing else changes.
 
 Only training forwards use the compiled layers (``cache is None`` and grad enabled); validation,
@@ -14,7 +14,7 @@ list, so state dicts and checkpoints are the same with or without compilation.
 ``compile_llm``: ``false`` (the default), ``true``, or ``auto``: compile when training on the CPU
 for at least :data:`AUTO_MIN_STEPS` steps -- shorter runs (tests, smoke runs) would spend more
 time compiling than they save. Off by default because the different rounding alone moved make
-train's seed-0 val/acc from 51.0% to 47.6% before the readout round (conf/train.yaml, README):
+train's seed-0 val/acc from 51.0% to 47.6% before the readout round (conf/train.yaml, experiments/synthetic/README.md):
 the default run stays the measured one. On a machine where compilation fails (no C++ compiler, say) the first training step
 warns and continues eagerly.
 """
