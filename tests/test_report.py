@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from vtc.report import make_report, pareto_front
+from vtc.report import main, make_report, pareto_front
 
 
 # configuration -> (compressor, stride, visual tokens, per-seed (test/acc, val/acc, tflops, time))
@@ -68,6 +68,9 @@ def parse_table(md: str) -> dict:
 
 
 def pm(cell: str) -> tuple[float, float]:
+    """(mean, std) of a table cell; a configuration of one run shows its value alone (std 0)."""
+    if re.fullmatch(r"[-\d.]+", cell):
+        return float(cell), 0.0
     m = re.fullmatch(r"([-\d.]+) ± ([-\d.]+)", cell)
     assert m, cell
     return float(m.group(1)), float(m.group(2))
@@ -204,3 +207,17 @@ def test_parent_latest_without_a_sweep_is_a_clear_error(tmp_path):
         main(["--experiment", "single", "--parent", "latest", "--out", str(tmp_path / "x"), "--tracking-uri", uri])
     with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
         main(["--experiment", "nope", "--parent", "latest", "--tracking-uri", uri])
+
+
+def test_one_run_is_shown_without_a_spread():
+    from vtc.report import fmt
+
+    assert fmt(0.5, 0.0, 1, 4) == "0.5000"  # not "0.5000 ± 0.0000": one run has no spread
+    assert fmt(0.5, 0.1, 3, 4) == "0.5000 ± 0.1000"
+
+
+def test_experiment_defaults_to_train(tmp_path):
+    """`python -m vtc.report` as the README shows it: the train experiment unless told otherwise."""
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    with pytest.raises(SystemExit, match="'train'"):
+        main(["--tracking-uri", uri, "--out", str(tmp_path / "r")])

@@ -117,8 +117,10 @@ def test_the_design_cards_command_trains_stagewise_and_ends_as_plain_stf(workspa
     pooling on top, four stages over 8 steps (a switch every 2), each stage's tokens per LLM layer
     logged (K scaled to 4 layers: 2 -> 0, 16 -> 2), the last stage plain STF, tested as plain STF."""
     before = {r.info.run_id for r in workspace.runs()}
-    workspace.run("train.py", "compressor=stf", "schedule=llavolta", "trainer.max_steps=8")
+    proc = workspace.run("train.py", "compressor=stf", "schedule=llavolta", "trainer.max_steps=8")
     (run,) = [r for r in workspace.runs() if r.info.run_id not in before]
+    out = proc.stdout + proc.stderr  # the run says where it lands
+    assert f"MLflow run {run.info.run_id}" in out and "last checkpoint: " in out, out[-3000:]
     client = workspace.client()
     hist = {m: {h.step: h.value for h in client.get_metric_history(run.info.run_id, f"curriculum/{m}")}
             for m in ("stage", "enabled", "layer_0_tokens", "layer_1_tokens", "layer_2_tokens", "layer_3_tokens")}

@@ -21,6 +21,11 @@ def ensure_data(cfg: DictConfig) -> None:
     from vtc.data.synthetic import ensure_synthetic
 
     root = cfg.data.root
+    if not os.path.exists(os.path.join(root, "DONE")):
+        # Every data.generate.* setting names its own cached set: a changed one builds anew, and
+        # (its encoder being cached by data root) pre-trains a new tiny encoder too. Say so.
+        log.warning("no synthetic set for these data.generate settings yet: building %s (~15-30 s; the tiny encoder "
+                    "is pre-trained for it next, ~70-95 s)", root)
     os.makedirs(os.path.dirname(root), exist_ok=True)
     with FileLock(root + ".lock"):
         ensure_synthetic(
@@ -46,6 +51,8 @@ def ensure_encoder(cfg: DictConfig) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with FileLock(path + ".lock"):
         if not os.path.isdir(path):
+            log.warning("no pre-trained tiny encoder for these encoder.* / data settings yet: pre-training %s "
+                        "(~70-95 s on 2 cores, once; later runs find it cached)", path)
             pretrain_encoder(
                 out_dir=path,
                 encoder_config=OmegaConf.to_container(cfg.encoder.config, resolve=True),

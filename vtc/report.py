@@ -241,6 +241,8 @@ def fmt(mean: float, std: float, n: int, digits: int | str) -> str:
     if n == 0 or math.isnan(mean):
         return "–"
     spec = f".{digits}f" if isinstance(digits, int) else digits
+    if n == 1:  # one run has no spread: "± 0.0000" would claim one
+        return f"{mean:{spec}}"
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
@@ -408,7 +410,8 @@ def make_report(experiment: str, parent: str | None = None, out: str | None = No
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vtc.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--experiment", required=True, help="MLflow experiment name (train, eval, ...)")
+    ap.add_argument("--experiment", default="train",
+                    help="MLflow experiment name (default: train, where train.py logs; eval, a study's name, ...)")
     ap.add_argument("--parent", default=None,
                     help="sweep parent run id, or `latest` (the experiment's newest sweep parent): report its "
                          "children, log files to it")

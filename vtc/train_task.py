@@ -123,7 +123,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
 
     from vtc.data.tokenizer import load_tokenizer
-    from vtc.tracking import log_config
+    from vtc.tracking import closed_run, log_config, mlflow_logger as find_mlflow_logger
 
     tokenizer = load_tokenizer(cfg.llm.tokenizer_path)
     datamodule = build_datamodule(cfg)
@@ -139,13 +139,16 @@ def train(cfg: DictConfig) -> float | None:
                           plugins=[AtomicCheckpointIO()])
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    from vtc.tracking import mlflow_logger as find_mlflow_logger; mlflow_logger = find_mlflow_logger(loggers)  # noqa: E702
+    mlflow_logger = find_mlflow_logger(loggers)
     module.run_config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     module.mlflow_run_id = mlflow_logger.run_id if mlflow_logger is not None else None
     if trainer.is_global_zero:
         log_config(mlflow_logger, cfg, output_dir)
-
-    from vtc.tracking import closed_run
+        where = f"run folder {output_dir}"
+        if mlflow_logger is not None:
+            where += (f"; MLflow run {mlflow_logger.run_id} (experiment {cfg.logger.mlflow.experiment_name}, "
+                      f"store {cfg.logger.mlflow.tracking_uri})")
+        log.info(where)
 
     with closed_run(mlflow_logger):  # FINISHED / FAILED even where Lightning does not (debug=fdr)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -160,4 +163,8 @@ def train(cfg: DictConfig) -> float | None:
                 if mlflow_logger is not None:
                     mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, path)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    ckpt_cb = getattr(trainer, "checkpoint_callback", None)
+    if trainer.is_global_zero and ckpt_cb is not None and ckpt_cb.last_model_path:
+        log.info("last checkpoint: %s (evaluate: python eval.py ckpt_path=%s)", ckpt_cb.last_model_path,
+                 ckpt_cb.last_model_path)
     return metrics.get(cfg.get("optimized_metric") or "", None)
