@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 train: setup
 	$(PY) train.py $(ARGS)
 
-## The test suite (CPU only; GPU tests are skipped without CUDA).
+## The package layers (import-linter, pyproject.toml), then the test suite (CPU only; GPU tests are
+## skipped without CUDA).
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(ARGS)
 
 ## Evaluate a checkpoint: make eval ARGS="ckpt_path=outputs/runs/.../checkpoints/last.ckpt"
@@ -32,26 +34,26 @@ eval: setup
 
 ## Report from MLflow: make report ARGS="--experiment train [--parent RUN_ID] [--out DIR]"
 report: setup
-	$(PY) -m vtc.report $(ARGS)
+	$(PY) -m vtc.runs.report $(ARGS)
 
 ## Study llavolta_fig1 (experiments/llavolta_fig1/README.md): train 3 seeds uncompressed, eval with
 ## test-time pooling at strides 1,2,4,8, report: make study-fig1 ARGS="[--seeds 0,1] [-- overrides]"
 study-fig1: setup
-	$(PY) -m vtc.study llavolta_fig1 $(ARGS)
+	$(PY) -m vtc.runs.study llavolta_fig1 $(ARGS)
 
 ## Study stf_vs_pool (experiments/stf_vs_pool/README.md): none / pool / STF / STF+MBTF trained
 ## at 16 of 64 tokens, 3 seeds each, report: make study-stf ARGS="[--seeds 0,1] [-- overrides]"
 study-stf: setup
-	$(PY) -m vtc.study stf_vs_pool $(ARGS)
+	$(PY) -m vtc.runs.study stf_vs_pool $(ARGS)
 
 ## Study llavolta_stages (experiments/llavolta_stages/README.md): none / LLaVolta 4-stage /
 ## constant heavy pooling, 3 seeds each, report: make study-stages ARGS="[--seeds 0,1] [-- overrides]"
 study-stages: setup
-	$(PY) -m vtc.study llavolta_stages $(ARGS)
+	$(PY) -m vtc.runs.study llavolta_stages $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only, of the store the runs log to: $MLFLOW_TRACKING_URI when
 ## set, else the repo's sqlite file. Run artifacts lie beside a sqlite store (mlartifacts/, set by
-## vtc.tracking when an experiment is created), where the dashboard reads them.
+## vtc.runs.tracking when an experiment is created), where the dashboard reads them.
 MLFLOW_STORE = $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 MLFLOW_DB = $(patsubst sqlite:///%,%,$(filter sqlite:///%,$(MLFLOW_STORE)))
 mlflow: setup

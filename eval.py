@@ -12,7 +12,7 @@ from vtc.errors import exit_on_config_error
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 @exit_on_config_error
 def main(cfg):
-    from vtc.eval_task import evaluate
+    from vtc.eval.task import evaluate
 
     return evaluate(cfg)
 

@@ -14,7 +14,7 @@ from vtc.errors import exit_on_config_error
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @exit_on_config_error
 def main(cfg):
-    from vtc.train_task import train
+    from vtc.train.task import train
 
     return train(cfg)
 

@@ -1,5 +1,5 @@
 """One Lightning training run of the tiny LMM on a fixed list of global batches, for
-tests/test_distributed.py. The trainer comes from the real config group (conf/trainer/NAME.yaml,
+tests/distributed/test_distributed.py. The trainer comes from the real config group (conf/trainer/NAME.yaml,
 composed by Hydra, moved to CPU), so the test exercises the shipped ddp / fsdp2 configs.
 
     python tests/dist_train.py --trainer cpu --out DIR                                   # reference
@@ -16,7 +16,7 @@ boundary (a plain DataLoader restarts its epoch on resume). Runs always plan ``-
 LR schedule depends on it); ``--stop-at`` ends one early, after its checkpoint is written.
 
 Writes (rank 0) OUT/losses.json: {step: global mean loss}; every rank OUT/shards_rank{r}.json: the
-parameter elements it holds per FSDP unit (fsdp2), to check vtc.parallel's arithmetic.
+parameter elements it holds per FSDP unit (fsdp2), to check vtc.distributed.fsdp2's arithmetic.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 from vtc.data.batch import IGNORE_INDEX  # noqa: E402
-from vtc.testing import IMG, tiny_lmm  # noqa: E402
+from tests.tiny import IMG, tiny_lmm  # noqa: E402
 
 SEQ = 12
 ANSWER = 3  # answer tokens per sample (equal for every sample: see the module docstring)
@@ -75,7 +75,7 @@ class Record(Callback):
         self.out, self.stop_at, self.losses = out, stop_at, {}
 
     def on_train_start(self, trainer, pl_module):
-        from vtc.parallel import is_fsdp2, unit_params
+        from vtc.distributed.fsdp2 import is_fsdp2, unit_params
 
         if not is_fsdp2(pl_module.model):
             return
@@ -113,7 +113,7 @@ def build_trainer(name: str, devices: int, steps: int, out: Path, callbacks: lis
 
 
 def fit(args, out: Path, stop_at: int | None, resume: str | None) -> None:
-    from vtc.lit.module import LMMModule
+    from vtc.train.module import LMMModule
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)  # the same initial weights on every rank and in the reference

@@ -1,4 +1,4 @@
-"""A real multi-process launch for tests/test_streaming.py (not collected by pytest).
+"""A real multi-process launch for tests/data/test_streaming.py (not collected by pytest).
 
 ``python -m tests.streaming_ranks OUT.json SHARDS TOKENIZER [--world 2] [--workers 2]`` starts
 ``world`` processes with ``torch.multiprocessing.spawn``, joins them in a gloo process group and,

@@ -92,7 +92,7 @@ def test_every_compressor_config_is_covered():
 
 
 def _cuda_lmm(name: str, attn: str, dtype=torch.bfloat16):
-    from vtc.testing import tiny_lmm
+    from tests.tiny import tiny_lmm
 
     factory, kw = _compressors()[name]
     model = tiny_lmm(factory(), seed=0, **kw)
@@ -125,7 +125,7 @@ def _logits_and_loss(model, batch: dict):
 def test_flash_attention_matches_sdpa_in_bf16(name):
     if not flash_available():
         pytest.skip("flash_attn is not installed (pip install 'vtc[gpu]')")
-    from vtc.testing import toy_batch
+    from tests.tiny import toy_batch
 
     sdpa, size = _cuda_lmm(name, "sdpa")
     flash, _ = _cuda_lmm(name, "flash_attention_2")
@@ -153,7 +153,7 @@ def test_auto_attention_picks_flash_exactly_when_installed():
 
 def test_bf16_mixed_training_lowers_the_loss():
     """Lightning's bf16-mixed is fp32 weights under ``torch.autocast(bfloat16)``; the same here."""
-    from vtc.testing import tiny_lmm, toy_batch
+    from tests.tiny import tiny_lmm, toy_batch
 
     model = tiny_lmm(seed=0).to("cuda").train()
     model.encoder.eval()
@@ -237,7 +237,7 @@ def test_fsdp2_one_gpu_matches_single_device(gpu_reference, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for nccl FSDP2")
 def test_fsdp2_two_gpus_match_one_and_resume(gpu_reference, tmp_path):
-    from vtc.parallel import is_sharded_checkpoint
+    from vtc.distributed.checkpoints import is_sharded_checkpoint
 
     a, b = tmp_path / "a", tmp_path / "b"
     _torchrun(2, "--trainer", "fsdp2", "--out", str(a), "--stop-at", "3")
@@ -251,7 +251,7 @@ def test_fsdp2_two_gpus_match_one_and_resume(gpu_reference, tmp_path):
 
 @pytest.mark.parametrize("name", ["none", "fastv", "stf"])
 def test_generation_on_cuda_equals_cpu(name):
-    from vtc.testing import tiny_lmm, toy_batch
+    from tests.tiny import tiny_lmm, toy_batch
 
     factory, kw = _compressors()[name]
     b = toy_batch(image_size=kw.get("image_size", 56))

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+from vtc import ROOT
+
 CONF_DIR = ROOT / "conf"
 
 
@@ -45,11 +45,22 @@ def _run_name() -> str:
     return name[:250] or "default"
 
 
-def _world_size(devices, num_nodes) -> int:
-    """conf/trainer/fsdp2.yaml's data-parallel size: devices * num_nodes (vtc.parallel)."""
-    from vtc.parallel import world_size_from
+def world_size_from(devices, num_nodes) -> int:
+    """``devices * num_nodes`` for the data-parallel mesh; ``devices: auto`` (or -1) reads the
+    launcher: WORLD_SIZE (torchrun), SLURM_NTASKS (srun), else the visible GPUs times nodes."""
+    nodes = int(num_nodes)
+    if isinstance(devices, (list, tuple)):
+        return len(devices) * nodes
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) * nodes
+    if str(devices) not in ("auto", "-1"):
+        return int(devices) * nodes
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    import torch
 
-    return world_size_from(devices, num_nodes)
+    return max(torch.cuda.device_count(), 1) * nodes
 
 
 def register_resolvers() -> None:
@@ -60,7 +71,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("basename"):
         OmegaConf.register_new_resolver("basename", lambda p: os.path.basename(str(p).rstrip("/")))
     if not OmegaConf.has_resolver("vtc_world_size"):
-        OmegaConf.register_new_resolver("vtc_world_size", _world_size)
+        OmegaConf.register_new_resolver("vtc_world_size", world_size_from)
 
 
 register_resolvers()

@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 
 from vtc.config import CONF_DIR, ROOT
+from vtc.cost.accounting import batch_flops, model_shape
 from vtc.data.batch import IGNORE_INDEX
+from vtc.lmm import LMM
+from vtc.model.encoder import VisionEncoder
+from vtc.model.llm import LanguageModel
 
 TRAIN_PARTS = ("projector", "compressor", "llm")  # the encoder is frozen, as LLaVA keeps CLIP
 
@@ -110,9 +114,6 @@ def compressor_names() -> list[str]:
 def build_lmm(s: Sizes, compressor, seed: int = 0):
     """The LMM with the benchmark's encoder and LLM (identical weights for a given seed), the
     encoder frozen (``requires_grad=False``, eval mode), the rest in train mode."""
-    from vtc.model.encoder import VisionEncoder
-    from vtc.model.llm import LanguageModel
-    from vtc.model.lmm import LMM
 
     torch.manual_seed(seed)
     enc = VisionEncoder.build(kind="clip", config=vision_config(s), select_layer=-2, attn_implementation="sdpa")
@@ -265,11 +266,10 @@ def allocator_peak_bytes(fn) -> int:
 # -- FLOPs -------------------------------------------------------------------------------------
 
 def step_flops(model, outs, trainable=TRAIN_PARTS) -> float:
-    """Analytic training-step FLOPs of what the step ran: ``vtc.accounting.batch_flops`` of each
+    """Analytic training-step FLOPs of what the step ran: ``vtc.cost.accounting.batch_flops`` of each
     recorded forward (measured token counts per sample and per LLM layer), plus the compressor's
     ``own_flops`` and an in-encoder method's smaller tower (ToMe), summed over the forwards (M3:
     one per scale)."""
-    from vtc.accounting import batch_flops, model_shape
 
     shape = model_shape(model)
     n = model.encoder.info.num_patches
@@ -282,7 +282,7 @@ def step_flops(model, outs, trainable=TRAIN_PARTS) -> float:
 def attention_flops(model, outs, train_multiplier: int = 3) -> float:
     """The LLM attention-product FLOPs (``Q·Kᵀ`` and ``P·V``, ``2·2·n²·d_q`` per layer forward,
     x3 in training) inside ``step_flops`` of the same forwards: the part a causal kernel could
-    halve, which ``vtc.flops`` counts in full."""
+    halve, which ``vtc.cost.flops`` counts in full."""
     cfg = model.llm.config
     d_q = cfg.num_attention_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else cfg.hidden_size
     total = 0.0
@@ -339,7 +339,10 @@ def write_outputs(out: str | Path, markdown: str, record: dict) -> tuple[Path, P
 
 
 def default_out(name: str) -> Path:
-    return ROOT / "experiments" / "bench" / name
+    """Where a benchmark writes unless ``--out`` says otherwise: outputs/bench/ (ignored by git).
+    The committed measurements in experiments/bench/ change only when ``--out`` names them, so a
+    rerun, or a ``--quick`` smoke test with its FAIL verdicts, never overwrites them."""
+    return ROOT / "outputs" / "bench" / name
 
 
 def sizes_dict(s: Sizes) -> dict:

@@ -15,7 +15,6 @@ import argparse
 import sys
 import time
 
-import torch
 
 from vtc.bench import common as C
 

@@ -8,14 +8,14 @@ and K = 16 of a 32-layer LLM map to different layers): one with ``compressor=vcc
 step (forward + backward + AdamW; encoder frozen) on the same batch.
 
 Stage logic is the ``CompressionCurriculum`` callback's, without a Trainer: the stages come from
-``vtc.lit.curriculum.parse_stages`` (layer indices scaled to the LLM's depth), the stage of step
+``vtc.train.curriculum.parse_stages`` (layer indices scaled to the LLM's depth), the stage of step
 ``t`` of ``T`` from ``stage_at``, and its knobs are applied by ``CompressionCurriculum._apply``
 (``knobs: null`` switches the compressor off) before the step.
 
 Interleaving: the T steps are cut into blocks of ``block`` steps; each block runs on one arm, then
 on the other (which arm goes first alternates per block), so both arms see the same machine load
 at nearly the same moments. The whole schedule is replayed ``repeats`` times; wall time per arm =
-median over repeats of the sum of its T step times. Analytic cost: ``vtc.accounting.batch_flops``
+median over repeats of the sum of its T step times. Analytic cost: ``vtc.cost.accounting.batch_flops``
 of each step's measured token counts (trainable = projector, compressor, llm), summed over steps.
 """
 from __future__ import annotations
@@ -24,8 +24,10 @@ import argparse
 import gc
 import sys
 
-
 from vtc.bench import common as C
+from vtc.compressors.schedule import apply_stage, parse_stages, stage_at
+from vtc.config import CONF_DIR
+from vtc.cost.schedules import llavolta_cr
 
 TARGET = 0.8  # measured saving / analytic saving
 
@@ -33,7 +35,6 @@ TARGET = 0.8  # measured saving / analytic saving
 def load_schedule(name: str):
     from omegaconf import OmegaConf
 
-    from vtc.config import CONF_DIR
 
     return OmegaConf.load(CONF_DIR / "schedule" / f"{name}.yaml")
 
@@ -48,9 +49,6 @@ def run(sizes: C.Sizes | None = None, steps: int = 16, repeats: int = 5, block: 
 
 
 def _run(s: C.Sizes, T: int, repeats: int, block: int, schedule: str, log) -> dict:
-    from vtc.flops import llavolta_cr
-    from vtc.compressors.schedule import apply_stage, parse_stages, stage_at
-
     sched = load_schedule(schedule)
     N = s.llm_layers
     stages = parse_stages(sched.stages, N, sched.get("reference_layers", 32), tuple(sched.get("scale_keys", ["layer"])))

@@ -6,15 +6,15 @@ others.
                                  [--out experiments/bench] [--peak 989e12]
 
 Model: ``encoder=clip_l14_336 llm=vicuna_7b projector=mlp2x_gelu`` composed from conf/ as
-``python -m vtc.parallel`` / ``vtc.flops_cli.build_meta`` do (shapes from the config fields, no
+``vtc parallel`` / ``vtc.assembly.build.build_meta`` do (shapes from the config fields, no
 files), but materialised on the GPU with random weights, in bf16 (weights, gradients and AdamW
 state: no fp32 master copy, so the 7B fits one 80 GB card's optimizer state), attention
 ``auto`` (flash-attention 2 when flash-attn imports). ``--layers N`` cuts the LLM to N decoder
 layers when 32 does not fit with AdamW; the shape used is printed and written. Training as
 ``train_parts`` defaults: encoder frozen, projector + compressor + LLM trained, fused AdamW.
 
-MFU = analytic step FLOPs (``vtc.bench.common.step_flops``: ``vtc.accounting.batch_flops`` of
-the token counts the step actually ran; attention counted in full, as ``vtc.flops`` does) /
+MFU = analytic step FLOPs (``vtc.bench.common.step_flops``: ``vtc.cost.accounting.batch_flops`` of
+the token counts the step actually ran; attention counted in full, as ``vtc.cost.flops`` does) /
 median step time / the GPU's peak dense bf16 FLOPs. Without CUDA: a message and exit code 2.
 """
 from __future__ import annotations
@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 from vtc.bench import common as C
+from vtc.config import CONF_DIR, node_kwargs
+from vtc.lmm import LMM
+from vtc.model.llm import resolve_attn_implementation
 
 LLAVA_7B = ["encoder=clip_l14_336", "llm=vicuna_7b", "projector=mlp2x_gelu"]
 NO_CUDA = 2
@@ -85,8 +88,6 @@ def build_model(compressor: str, layers: int | None, attn: str, device: str = "c
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from vtc.config import CONF_DIR, node_kwargs
-    from vtc.model.lmm import LMM
 
     overrides = list(LLAVA_7B) + ([f"llm.config.num_hidden_layers={layers}"] if layers else [])
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -179,7 +180,7 @@ def to_markdown(record: dict) -> str:
              f"steps after {record['warmup']} warm-up, median.", "",
              *[f"Shape: {s}" for s in shapes], "",
              C.md_table([r for r in record["rows"] if not r.get("error")], COLUMNS), "",
-             "MFU = analytic step FLOPs (vtc.accounting.batch_flops of the token counts the step ran: "
+             "MFU = analytic step FLOPs (vtc.cost.accounting.batch_flops of the token counts the step ran: "
              "3x forward for trained parts, 1x for the frozen encoder, attention counted in full) / "
              "median step time / peak. Issue 6 target: MFU >= 40% for `none`."]
     if ooms:
@@ -218,7 +219,6 @@ def main(argv=None) -> int:
     except UnknownPeak as e:
         print(f"vtc.bench.gpu_step: {e}", file=sys.stderr)
         return NO_CUDA
-    from vtc.model.llm import resolve_attn_implementation
 
     attn = resolve_attn_implementation("auto", "cuda")
     record = {"gpu": gpu, "peak_flops": peak, "peak_source": "--peak" if args.peak else "table",

@@ -1,15 +1,15 @@
 """Data-side speed: ``python -m vtc.bench.loader [--samples 1024] [--workers 0,2] ...``.
 
-Three measurements in one run, printed side by side and written to ``experiments/bench/loader.md``
-(``--out``) with the raw numbers in ``loader.json`` beside it:
+Three measurements in one run, printed side by side and written to ``outputs/bench/loader.md``
+(``--out``; the committed run is ``experiments/bench/loader.md``) with the raw numbers in ``loader.json`` beside it:
 
 1. **Shard loader vs loose files.** ``--samples`` LLaVA-style records (sklearn's two photos and
    their mirror images at 640x480, COCO's usual size, JPEG quality 90; a 3-round conversation of
    ~150 words) are converted to webdataset shards with :func:`vtc.data.convert.convert`, then the
    very same JPEG and JSON bytes are also written out as loose files (``{key}.jpg`` +
-   ``{key}.json`` per sample). Both readers run the same :class:`vtc.data.datamodule.SampleDecoder`
+   ``{key}.json`` per sample). Both readers run the same :class:`vtc.data.decode.SampleDecoder`
    (JPEG decode, pad to square, resize to ``--image-size``, normalise; vicuna_v1 template and
-   tokenisation) and the same :func:`vtc.data.datamodule.collate`, with the same number of
+   tokenisation) and the same :func:`vtc.data.collate.collate`, with the same number of
    DataLoader workers (one torch thread each) and batch size:
    - shards: ``VTCDataModule(train_shards=...).train_dataloader()`` (resampled shards, shuffle
      buffer ``--shuffle-buffer``, batching in the workers, ``with_epoch``);
@@ -19,8 +19,8 @@ Three measurements in one run, printed side by side and written to ``experiments
    buffer's first fill excluded for both), best of ``--repeats`` alternated runs. Files are in the
    page cache (they were just written): this compares CPU cost, not disk or network I/O, where
    sequential shard reads win most.
-2. **Converter**: :func:`vtc.data.convert.benchmark_convert` samples/s (``--convert-samples``
-   records, ``--convert-workers`` processes, start-up included).
+2. **Converter**: :func:`vtc.data.convert_bench.benchmark_convert` samples/s
+   (``--convert-samples`` records, ``--convert-workers`` processes, start-up included).
 3. **Data wait of the tiny training loop**: the default configuration (``conf/train.yaml``:
    synthetic digit-grid data at 112 px, batch 32, 1 loader worker; tiny encoder 96x4 (random init
    instead of the cached pre-trained copy: same cost), tiny LLM 128x4) trained for ``--steps``
@@ -46,7 +46,15 @@ from pathlib import Path
 
 import torch
 
+from vtc.assembly.build import build_datamodule
 from vtc.config import CONF_DIR, ROOT
+from vtc.data.collate import collate
+from vtc.data.convert import convert
+from vtc.data.convert_bench import benchmark_convert, benchmark_images
+from vtc.data.streams import worker_init
+from vtc.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from vtc.synthetic.prepare import ensure_data
+from vtc.train.task import build_module
 
 WORDS = ("the a man woman dog cat on in with near red blue green small large street table "
          "picture shows two three people standing sitting holding looking at next to of and "
@@ -73,13 +81,11 @@ def _records(n: int, image_names: list[str]) -> list[dict]:
 def make_data(root: Path, n: int) -> dict:
     """Converted shards, the same bytes as loose files, and a tokenizer for the texts."""
 
-    from vtc.data.convert import _benchmark_images, convert
-    from vtc.data.tokenizer import build_tiny_tokenizer
 
     images = root / "images"
     images.mkdir(parents=True)
     names = []
-    for k, im in enumerate(_benchmark_images((640, 480))):
+    for k, im in enumerate(benchmark_images((640, 480))):
         names.append(f"img{k}.jpg")
         im.save(images / names[-1], quality=90)
     records = _records(n, names)
@@ -131,23 +137,23 @@ def _time_epoch(loader) -> tuple[float, int, float]:
 
 def loader_throughput(data: dict, workers: int, batch_size: int, image_size: int, shuffle_buffer: int,
                       repeats: int) -> dict:
-    from vtc.data.datamodule import _VTCData, _worker_init, collate
+    from vtc.data.datamodule import VTCDataModule
 
     def shard_loader():
-        dm = _VTCData(train_shards=data["shards"], tokenizer_path=data["tokenizer"], batch_size=batch_size,
-                      num_workers=workers, shuffle_buffer=shuffle_buffer, image_size=image_size,
-                      max_length=2048, seed=0)
+        dm = VTCDataModule(train_shards=data["shards"], tokenizer_path=data["tokenizer"], batch_size=batch_size,
+                           num_workers=workers, shuffle_buffer=shuffle_buffer, image_size=image_size,
+                           max_length=2048, seed=0)
         dm.setup("fit")
         return dm.train_dataloader(), dm
 
     def loose_loader():
-        dm = _VTCData(train_shards=data["shards"], tokenizer_path=data["tokenizer"], image_size=image_size,
-                      max_length=2048)
+        dm = VTCDataModule(train_shards=data["shards"], tokenizer_path=data["tokenizer"], image_size=image_size,
+                           max_length=2048)
         ds = LooseFiles(data["loose"], data["keys"], dm._decoder("train"))
         return torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
             collate_fn=partial(collate, pad_id=dm.pad_token_id, image_size=image_size),
-            worker_init_fn=_worker_init, prefetch_factor=2 if workers else None,
+            worker_init_fn=worker_init, prefetch_factor=2 if workers else None,
             persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
     if workers:
@@ -175,9 +181,6 @@ def data_wait(steps: int, tmp: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     import vtc.config  # noqa: F401  (resolvers)
-    from vtc.data.tokenizer import load_tokenizer
-    from vtc.prepare import ensure_data
-    from vtc.train_task import build_datamodule, build_module
 
     n_train = max(1024, 32 * (steps // 2))  # the run crosses at least one epoch boundary
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -335,7 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads of the main process (0: torch's default)")
     p.add_argument("--tmp", default=None)
-    p.add_argument("--out", default=str(ROOT / "experiments" / "bench" / "loader.md"))
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "loader.md"),
+                   help="the .md to write (loader.json beside it); experiments/bench/loader.md holds the committed one")
     a = p.parse_args(argv)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -354,7 +358,6 @@ def main(argv=None) -> int:
             r = loader_throughput(data, w, a.batch_size, a.image_size, a.shuffle_buffer, a.repeats)
             print(f"loader {w} workers: shards {r['shard_sps']:.1f}, loose {r['loose_sps']:.1f} samples/s", flush=True)
             res["loader"].append(r)
-        from vtc.data.convert import benchmark_convert
 
         sps = benchmark_convert(a.convert_samples, a.convert_workers, tmp_dir=str(tmp))
         res["convert"] = {"samples": a.convert_samples, "workers": a.convert_workers, "sps": sps}

@@ -94,7 +94,7 @@ class Compressor(nn.Module):
     def encoder_tokens(self, n: int) -> list[tuple[int, int]] | None:
         """Per run encoder block, the tokens (prefix included) its attention and its MLP see, for
         methods that shrink the sequence inside the vision tower (ToMe); None: the tower runs
-        uncompressed. Feeds the FLOPs accounting (``vtc.flops.forward_flops``)."""
+        uncompressed. Feeds the FLOPs accounting (``vtc.cost.flops.forward_flops``)."""
         return None
 
     def own_flops(self, n: int) -> float:

@@ -12,7 +12,7 @@ the prompt, averaged over heads,
 
 and the top ``n − floor(R·n)`` image tokens (n visual tokens of the sample, R the drop ratio) are
 kept; every text token is kept. Paper defaults: K = 2, R = 50% (576 -> 288 tokens); the count is
-``ceil((1 − R)·n)``, the same as ``vtc.flops.fastv_visual_tokens_per_layer``.
+``ceil((1 − R)·n)``, the same as ``vtc.cost.schedules.fastv_visual_tokens_per_layer``.
 
 Where the score comes from. FastV takes the attention map that layer K−1 already computed (it
 runs that layer with ``output_attentions=True``), then prunes the input of layer K. We cannot ask

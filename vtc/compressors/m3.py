@@ -103,8 +103,6 @@ class Matryoshka(PreLLMCompressor):
         return n if self.tokens is None else self.tokens
 
     def budget_knobs(self, tokens: int, n: int, encoder: EncoderInfo) -> dict:
-        from vtc.errors import ConfigError
-
         raise ConfigError("schedule", "M3 trains every nested scale in every step, so a stage cannot change what it "
                           "trains; its `tokens` knob picks the scale used at test time (eval.py compressor.tokens=...)")
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vtc.compressors.stf import SpatialTokenFusion
+from vtc.cost.macs import FLOPS_PER_MAC, projector_macs
 from vtc.errors import ConfigError
 
 REFERENCE_BLOCKS: tuple[int, ...] = (21, 18, 15, 12, 9, 6, 3)
@@ -95,7 +96,6 @@ class STFMultiBlock(SpatialTokenFusion):
         """The per-token fusion MLP (8C -> 4C -> C) runs on all n patch tokens before STF."""
         if self.fusion is None:
             return 0.0
-        from vtc.flops import FLOPS_PER_MAC, projector_macs
 
         dims = [self.fusion[0].in_features, self.fusion[0].out_features, self.fusion[2].out_features]
         return float(FLOPS_PER_MAC * projector_macs(n, dims))

@@ -35,8 +35,8 @@ def fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
     return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
 
 
-# The one image-mode policy of the project: the converter's shards (``vtc.data.convert``, which
-# composites on white) and the images evaluation and the benchmarks read through
+# The one image-mode policy of the project: the converter's shards (``vtc.data.convert_images``,
+# which composites on white) and the images evaluation and the benchmarks read through
 # :class:`ImageProcessor` (composited on the mean colour) both go through :func:`to_rgb`.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")

@@ -16,7 +16,7 @@ for Llama) or else ``</s>``.
 The word-level tokenizer knows only the words it was built from: every other word of real data
 becomes ``<unk>`` without a warning (a model trained on such answers learns to say ``<unk>``: loss
 ~0.01, accuracy 0). :func:`is_word_level` tells it apart; the datamodule's training decoder stops
-a run whose answer tokens hold too many ``<unk>`` (``data.max_unk_fraction``, vtc.data.datamodule).
+a run whose answer tokens hold too many ``<unk>`` (``data.max_unk_fraction``, vtc.data.skips).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vtc.model.lmm import LMM
+from vtc.lmm import LMM
 from vtc.model.splice import real_spans
 
 

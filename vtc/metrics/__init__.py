@@ -1,0 +1,1 @@
+"""Benchmark scoring, each metric as its benchmark's official script computes it."""

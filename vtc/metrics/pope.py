@@ -21,7 +21,7 @@ With "yes" as the positive class::
 
 LLaVA divides by zero where a denominator is 0; here that ratio is 0.0. LLaVA evaluates each POPE
 split (adversarial / popular / random) on its own;
-:func:`vtc.data.eval_files.score_benchmark` does the same and also reports the mean over splits.
+:func:`vtc.data.eval_score.score_benchmark` does the same and also reports the mean over splits.
 """
 from __future__ import annotations
 

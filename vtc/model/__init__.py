@@ -1,1 +1,2 @@
-"""Model components: vision encoder, projector, language model, splicing, the assembled LMM."""
+"""Model parts: vision encoder, LLM layer loop, projector, splicing, the sequence state, compile. The
+assembled model is vtc.lmm, above the compressors."""

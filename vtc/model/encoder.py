@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vtc.errors import ConfigError
+from vtc.model.llm import resolve_attn_implementation
 
 
 @dataclass
@@ -141,7 +142,6 @@ class VisionEncoder(nn.Module):
         ``attn_implementation=auto``: flash_attention_2 on CUDA with flash-attn installed, else sdpa."""
         from transformers import CLIPVisionModel, SiglipVisionModel
 
-        from vtc.model.llm import resolve_attn_implementation
 
         attn_implementation = resolve_attn_implementation(attn_implementation)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vtc.errors import ConfigError
+from vtc.model.compile import CompiledLayers
 from vtc.model.sequence import SeqState
 
 
@@ -103,7 +104,6 @@ class LanguageModel(nn.Module):
     # -- the layer loop --------------------------------------------------------------------------
     def compile_layers(self) -> None:
         """Run training forwards through ``torch.compile``d decoder layers (vtc/model/compile.py)."""
-        from vtc.model.compile import CompiledLayers
 
         self._compiled = CompiledLayers(self.layers)
 

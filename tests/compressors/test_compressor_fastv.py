@@ -1,0 +1,187 @@
+"""FastV (vtc.compressors.fastv) against an independent computation: HF's own eager attention map
+of layer K (a full map, in the test only) ranks the image tokens the same way as the one recomputed
+query row; kept counts, positions, batch independence, cached generation, training."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtc.compressors.fastv import FastV, kept_count, query_attention
+from vtc.errors import ConfigError
+from vtc.cost.schedules import fastv_visual_tokens_per_layer
+from vtc.model.encoder import EncoderInfo
+from tests.tiny import single, tiny_lmm, toy_batch
+
+CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
+
+
+def spy(comp):
+    seen = {}
+    orig = comp.compress
+
+    def wrapped(state, i, layer):
+        out = orig(state, i, layer)
+        seen["in"], seen["out"] = state, out
+        return out
+
+    comp.compress = wrapped
+    return seen
+
+
+@pytest.fixture(scope="module")
+def setup():
+    comp = FastV(layer=2, ratio=0.5)
+    model = tiny_lmm(comp)
+    rec = spy(comp)
+    b = toy_batch()
+    model(b)
+    eager = copy.deepcopy(model.llm.model)
+    eager.set_attn_implementation("eager")
+    comp.live = rec  # updated by every later forward
+    return model, comp, b, dict(rec), eager
+
+
+def eager_row(model, eager, s, K):
+    """Head-mean attention row of the query token at layer K, from HF's full eager map."""
+    st = model.build_sequence(s["input_ids"], s["attention_mask"], s["labels"], s["pixel_values"], s["image_index"])
+    out = eager.model(inputs_embeds=st.hidden, output_attentions=True)
+    q = int(st.query_index[0])
+    return out.attentions[K][0, :, q].mean(0), st
+
+
+def test_query_row_matches_full_eager_attention(setup):
+    model, comp, b, rec, eager = setup
+    row = query_attention(rec["in"], model.llm.layers[2])
+    for i in range(3):
+        ref, st = eager_row(model, eager, single(b, i), 2)
+        n = len(ref)
+        assert torch.allclose(row[i, :n], ref, atol=1e-6)
+        assert float(row[i, n:].abs().sum()) == 0  # padding gets nothing
+        assert row[i, :n].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kept_tokens_are_the_eager_top_half_with_positions_unchanged(setup):
+    model, comp, b, rec, eager = setup
+    out, inp = rec["out"], rec["in"]
+    for i in range(3):
+        ref, st = eager_row(model, eager, single(b, i), 2)
+        vis = st.visual_mask[0].nonzero().squeeze(1)
+        n_keep = len(vis) - len(vis) // 2
+        expect = set(vis[ref[vis].topk(n_keep).indices].tolist()) if len(vis) else set()
+        m = int(out.lengths[i])
+        kept_vis = out.position_ids[i, :m][out.visual_mask[i, :m]].tolist()
+        # In the unpadded single sequence positions equal indices, so positions name the tokens.
+        assert set(kept_vis) == expect
+        assert kept_vis == sorted(kept_vis)  # original order kept
+        # Every text token is kept with its hidden state and position.
+        n = int(inp.lengths[i])
+        text = ~inp.visual_mask[i, :n]
+        out_text = ~out.visual_mask[i, :m]
+        assert torch.equal(out.position_ids[i, :m][out_text], inp.position_ids[i, :n][text])
+        assert torch.equal(out.hidden[i, :m][out_text], inp.hidden[i, :n][text])
+        # Kept visual tokens carry their own hidden state.
+        for p in kept_vis:
+            j = int((inp.position_ids[i, :n] == p).nonzero())
+            jo = int((out.position_ids[i, :m] == p).nonzero())
+            assert torch.equal(out.hidden[i, jo], inp.hidden[i, j])
+        assert int(out.position_ids[i, out.query_index[i]]) == int(inp.position_ids[i, inp.query_index[i]])
+
+
+def test_kept_count_is_n_minus_floor_rn():
+    # ceil((1 − R)·n): the paper's 576 at R = 50% -> 288, 75% -> 144; odd counts round up.
+    assert kept_count(576, 0.5) == 288 and kept_count(576, 0.75) == 144
+    assert kept_count(15, 0.5) == 8 and kept_count(10, 0.3) == 7 and kept_count(16, 0.0) == 16
+    comp = FastV(2, 0.5)
+    assert comp.tokens_per_layer(576, 32) == fastv_visual_tokens_per_layer(32, 576, 2, 0.5)
+    model = tiny_lmm(FastV(layer=1, ratio=0.3))
+    seen = model(toy_batch()).seen
+    assert seen[:, 0].tolist() == [16, 12, 12] == FastV(1, 0.3).tokens_per_layer(16, 3)  # 16 − floor(4.8)
+    assert seen[:, 2].tolist() == [0, 0, 0]
+
+
+def test_check_and_knobs():
+    FastV(2, 0.5).check(CLIP_L, 32)
+    for kw, key in [(dict(ratio=1.0), "compressor.ratio"), (dict(ratio=-0.1), "compressor.ratio"),
+                    (dict(layer=32), "compressor.layer")]:
+        with pytest.raises(ConfigError) as e:
+            FastV(**{"layer": 2, "ratio": 0.5, **kw}).check(CLIP_L, 32)
+        assert e.value.key == key
+    comp = FastV(2, 0.5)
+    comp.set_knobs(layer=3, ratio=0.75)
+    assert comp.get_knobs() == {"layer": 3, "ratio": 0.75}
+    comp.set_enabled(False)
+    assert comp.tokens_per_layer(576, 32) == [576] * 32 and not comp.applies_at(3)
+
+
+def test_batch_equals_each_sample_alone(setup):
+    model, comp, b, rec, _ = setup
+    out = rec["out"]
+    for i in range(3):
+        model(single(b, i))
+        alone = comp.live["out"]
+        n = int(alone.lengths[0])
+        assert int(out.lengths[i]) == n
+        assert torch.equal(out.position_ids[i, :n], alone.position_ids[0, :n])
+        assert torch.allclose(out.hidden[i, :n], alone.hidden[0, :n], atol=1e-5)
+
+
+def test_same_seed_same_output_and_training_gradients():
+    b = toy_batch()
+    assert torch.equal(tiny_lmm(FastV(1, 0.5), seed=4)(b).loss, tiny_lmm(FastV(1, 0.5), seed=4)(b).loss)
+    model = tiny_lmm(FastV(1, 0.5)).train()
+    model(b).loss.backward()
+    for name in ("projector", "llm"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_cached_generation_matches_full_recompute(setup):
+    """The prompt is pruned once (query = last prompt token); decoding over the pruned cache equals
+    recomputing the whole sequence each step with the same query token."""
+    model, comp, b, _, _ = setup
+    tokens, seen = model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_index"], 4)
+    assert seen[:, 0].tolist() == [16, 16, 8]
+    for i in range(3):
+        s = single(b, i)
+        cur, q0, ref = s["input_ids"], None, []
+        for _ in range(4):
+            st = model.build_sequence(cur, torch.ones_like(cur), None, s["pixel_values"], s["image_index"])
+            q0 = int(st.query_index[0]) if q0 is None else q0
+            o, _, _ = model.llm.run_layers(replace(st, query_index=torch.tensor([q0])), model.compressor)
+            t = int(model.next_token(model.llm.logits(o.hidden[0, -1])))
+            if t == model.eos_token_id:
+                break
+            ref.append(t)
+            cur = torch.cat([cur, torch.tensor([[t]])], 1)
+        assert tokens[i] == ref
+
+
+
+def test_scores_work_with_fsdp2_sharded_layers(monkeypatch):
+    """The score recomputation reads layer K's weights outside its forward; under FSDP2 they are
+    sharded DTensors until gathered (the compressor calls ``layer.unshard()``). One gloo process."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this session")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = tiny_lmm(FastV(1, 0.5)).train()
+        ref = model(toy_batch()).loss.item()
+        for layer in model.llm.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        out = model(toy_batch())
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(ref, abs=1e-5)
+    finally:
+        dist.destroy_process_group()

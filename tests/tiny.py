@@ -1,0 +1,60 @@
+"""Tiny models and batches for tests and benchmarks (random init, no files, no network)."""
+from __future__ import annotations
+
+import torch
+
+from vtc.compressors.base import Compressor
+from vtc.data.batch import IGNORE_INDEX
+from vtc.model.encoder import VisionEncoder
+from vtc.model.llm import LanguageModel
+from vtc.lmm import LMM
+
+IMG = 49  # the image placeholder id of the toy vocabulary (size 50)
+
+
+def tiny_encoder(image_size=56, patch=14, width=32, layers=3, heads=4, kind="clip", select_layer=-2):
+    cfg = dict(image_size=image_size, patch_size=patch, hidden_size=width, intermediate_size=2 * width,
+               num_hidden_layers=layers, num_attention_heads=heads)
+    return VisionEncoder.build(kind=kind, config=cfg, select_layer=select_layer)
+
+
+def tiny_llm(width=32, layers=3, heads=4, kv_heads=2, vocab=50):
+    return LanguageModel.build(config=dict(
+        model_type="llama", vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=512))
+
+
+def tiny_lmm(compressor: Compressor | None = None, seed: int = 0, **encoder_kw) -> LMM:
+    """CLIP-style 56 px / 14 px encoder (4x4 = 16 patches, CLS), 3-layer Llama, vocab 50."""
+    torch.manual_seed(seed)
+    enc = tiny_encoder(**encoder_kw)
+    llm = tiny_llm()
+    return LMM(enc, llm, compressor, "mlp2x_gelu", image_token_id=IMG, pad_token_id=0, eos_token_id=2).eval()
+
+
+def toy_batch(image_size: int = 56, seed: int = 0) -> dict:
+    """Three samples: image in the middle, image first with padding, text only."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, IMG, 6, 7, 8, 9], [1, IMG, 5, 6, 0, 0, 0], [1, 5, 6, 7, 0, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 5:7] = ids[0, 5:7]
+    labels[1, 3] = 6
+    labels[2, 3] = 7
+    return dict(input_ids=ids, attention_mask=mask, labels=labels,
+                pixel_values=torch.randn(2, 3, image_size, image_size, generator=g),
+                image_index=torch.tensor([0, 1, -1]))
+
+
+def single(batch: dict, i: int) -> dict:
+    """Sample ``i`` of a toy batch as a batch of one, unpadded."""
+    n = int(batch["attention_mask"][i].sum())
+    img = int(batch["image_index"][i])
+    return dict(
+        input_ids=batch["input_ids"][i:i + 1, :n],
+        attention_mask=batch["attention_mask"][i:i + 1, :n],
+        labels=batch["labels"][i:i + 1, :n],
+        pixel_values=batch["pixel_values"][[img]] if img >= 0 else batch["pixel_values"][:0],
+        image_index=torch.tensor([0 if img >= 0 else -1]),
+    )

@@ -1,0 +1,200 @@
+"""Scoring LLaVA-format answers against a benchmark's ground truths, with :mod:`vtc.metrics`.
+
+Separate from reading the files (:mod:`vtc.data.eval_files`, :mod:`vtc.data.eval_gt`): this is
+the matching of answers to ground truths and the per-benchmark choice of metric, the part that
+decides the reported numbers.
+
+:func:`score_benchmark` matches answers to ground truths and feeds the metrics of
+:mod:`vtc.metrics`; answers without a ground truth and repeated answers are errors (a mismatch of
+files), ground truths without an answer are counted in ``n_missing`` and not scored.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+from vtc.data.eval_files import question_key, read_answers, read_questions
+from vtc.data.eval_gt import BENCHMARKS, mme_key, read_gt, read_pope_gt, read_scienceqa_gt
+from vtc.metrics.exact_match import ExactMatchAccuracy, TextVQAAccuracy
+from vtc.metrics.mme import MMEScore
+from vtc.metrics.pope import POPEMetrics
+from vtc.metrics.scienceqa import ScienceQAAccuracy
+from vtc.metrics.vqav2 import VQAv2Accuracy
+
+__all__ = ["score_benchmark"]
+
+
+def _type_key(t: str) -> str:
+    return "acc_" + re.sub(r"[^0-9A-Za-z]+", "_", str(t)).strip("_")
+
+
+def _match(answers: list[dict], gt: Mapping, key=lambda a: question_key(a["question_id"]), fallback=None):
+    """Pairs (answer, gt record); errors for unknown or repeated keys; the number of gt entries
+    without an answer."""
+    pairs, seen, unknown = [], set(), []
+    for a in answers:
+        k = key(a)
+        if k not in gt and fallback is not None:
+            k = fallback(a)
+        if k is None or k not in gt:
+            unknown.append(a["question_id"])
+            continue
+        if k in seen:
+            raise ValueError(f"question {a['question_id']!r} is answered more than once")
+        seen.add(k)
+        pairs.append((a, gt[k]))
+    if unknown:
+        raise ValueError(f"{len(unknown)} answers have no ground truth (wrong files?), e.g. {unknown[:5]}")
+    return pairs, len(gt) - len(seen)
+
+
+def _textvqa_question(prompt: str) -> str | None:
+    """The question inside a LLaVA TextVQA prompt, lower-cased (``eval_textvqa.prompt_processor``)."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        m = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        return m.group(1).lower() if m else None
+    if "Reference OCR token: " in prompt and len(lines) == 3:
+        return (lines[1] if prompt.startswith("Reference OCR token:") else lines[0]).lower()
+    if len(lines) == 2:
+        return lines[0].lower()
+    return None
+
+
+def _accuracy_by_type(metric_cls, pairs, pred_target, type_of, **metric_kwargs) -> dict[str, float]:
+    """``acc`` over all pairs and ``acc_<type>`` per type (one batched update per group)."""
+    groups: dict[str | None, tuple[list, list]] = {None: ([], [])}
+    for a, g in pairs:
+        p, t = pred_target(a, g)
+        typ = type_of(a, g)
+        for key in (None, typ) if typ else (None,):
+            preds, targets = groups.setdefault(key, ([], []))
+            preds.append(p)
+            targets.append(t)
+    out = {}
+    for typ, (preds, targets) in groups.items():
+        metric = metric_cls(**metric_kwargs)
+        if preds:
+            metric.update(preds, targets)
+        out["acc" if typ is None else _type_key(typ)] = float(metric.compute()) if preds else 0.0
+    return {"acc": out.pop("acc"), **dict(sorted(out.items()))}
+
+
+def score_benchmark(name: str, answers, gt=None, *, questions=None, **options) -> dict[str, float]:
+    """Score LLaVA-format answers on benchmark ``name`` (one of ``BENCHMARKS``).
+
+    ``answers``: an answers file path, a list of paths, or records ``{question_id, text,
+    prompt?}``. ``gt``: a ground-truth path (read with that benchmark's reader) or what the reader
+    returned; ``exact`` may take none. ``questions``: the question file (POPE categories, POPE's
+    label folder, MME categories). ``options``: ``official_gt`` (vqav2), ``strict`` and ``split``
+    (scienceqa), ``normalizer`` (exact; default "vqa").
+
+    Returns floats: ``n`` (answers scored), ``n_missing`` (ground truths without an answer; not
+    for exact-from-records, nor scienceqa without ``split``), and
+
+    * gqa: ``acc``, ``acc_binary``, ``acc_open`` (fractions; LLaVA's GQA conversion + exact match);
+    * vqav2: ``acc`` and ``acc_<answer type>`` (``acc_yes_no``, ``acc_number``, ``acc_other``);
+    * textvqa: ``acc``;
+    * pope: per category ``<category>/{acc,precision,recall,f1,yes_ratio}``, and the same five
+      names at top level: the mean over categories (or the pooled values without categories);
+    * mme: :class:`~vtc.metrics.mme.MMEScore`'s keys (points, not fractions);
+    * scienceqa: ``acc``, ``img_acc``;
+    * exact: ``acc`` and ``acc_<question_type>`` when the answers carry ``question_type``.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; one of {BENCHMARKS}")
+    answers = read_answers(answers)
+    if isinstance(gt, (str, os.PathLike)):
+        if name == "pope":
+            gt = read_pope_gt(gt, questions)
+        elif name == "scienceqa":
+            gt = read_scienceqa_gt(gt, options.get("split"))
+        else:
+            gt = read_gt(name, gt)
+    elif gt is None and name != "exact":
+        raise ValueError(f"{name}: ground truth needed")
+
+    if name == "gqa":
+        pairs, missing = _match(answers, gt)
+        out = _accuracy_by_type(ExactMatchAccuracy, pairs, lambda a, g: (a["text"], g["answer"]),
+                                lambda a, g: g.get("answer_type"), normalizer="gqa")
+    elif name == "vqav2":
+        pairs, missing = _match(answers, gt)
+        out = _accuracy_by_type(VQAv2Accuracy, pairs, lambda a, g: (a["text"], g["answers"]),
+                                lambda a, g: g.get("answer_type"), official_gt=options.get("official_gt", True))
+    elif name == "textvqa":
+        index = {}
+        for k, g in gt.items():
+            if "image_id" in g and "question" in g:
+                index.setdefault((str(g["image_id"]), str(g["question"]).lower()), k)
+
+        def by_image_question(a):  # LLaVA's TextVQA question_id is the image id
+            q = _textvqa_question(str(a.get("prompt", "")))
+            return index.get((question_key(a["question_id"]), q)) if q is not None else None
+
+        pairs, missing = _match(answers, gt, fallback=by_image_question)
+        out = _accuracy_by_type(TextVQAAccuracy, pairs, lambda a, g: (a["text"], g["answers"]), lambda a, g: None)
+    elif name == "pope":
+        if questions is not None:
+            qs = read_questions(questions) if isinstance(questions, (str, os.PathLike)) else list(questions)
+            cat_of = {question_key(q["question_id"]): q.get("category") for q in qs}
+            gt = {k: ({**g, "category": cat_of[k]} if not g.get("category") and cat_of.get(k) else g) for k, g in gt.items()}
+        pairs, missing = _match(answers, gt)
+        per_cat: dict[str, POPEMetrics] = {}
+        for a, g in pairs:
+            per_cat.setdefault(g.get("category") or "", POPEMetrics()).update([a["text"]], [g["label"]])
+        if set(per_cat) - {""} and "" in per_cat:
+            raise ValueError("POPE: some ground truths have a category and some do not")
+        out = {}
+        results = {c: m.compute() for c, m in sorted(per_cat.items())}
+        if "" in results or not results:
+            out.update(results.get("", POPEMetrics().compute()))
+        else:
+            for c, r in results.items():
+                out.update({f"{c}/{k}": v for k, v in r.items()})
+            for k in next(iter(results.values())):
+                out[k] = sum(r[k] for r in results.values()) / len(results)
+    elif name == "mme":
+        cat_of = {}
+        if questions is not None:
+            qs = read_questions(questions) if isinstance(questions, (str, os.PathLike)) else list(questions)
+            cat_of = {question_key(q["question_id"]): q["category"] for q in qs if q.get("category")}
+
+        def key(a):
+            qid = question_key(a["question_id"])
+            category = a.get("category") or cat_of.get(qid) or qid.split("/")[0]
+            if "prompt" not in a:
+                raise ValueError(f"MME answer {qid!r} has no prompt: the prompt tells its two questions apart")
+            return mme_key(category, qid, a["prompt"])
+
+        pairs, missing = _match(answers, gt, key=key)
+        metric = MMEScore()
+        if pairs:
+            metric.update([a["text"] for a, _ in pairs], [g["answer"] for _, g in pairs],
+                          [g["category"] for _, g in pairs], [g["image"] for _, g in pairs])
+        out = metric.compute()
+    elif name == "scienceqa":
+        pairs, missing = _match(answers, gt)
+        metric = ScienceQAAccuracy(strict=options.get("strict", False))
+        if pairs:
+            metric.update([a["text"] for a, _ in pairs], [g["answer"] for _, g in pairs],
+                          [g["n_choices"] for _, g in pairs], [g["has_image"] for _, g in pairs])
+        out = metric.compute()
+        if options.get("split") is None:
+            missing = None
+    else:  # exact
+        missing = None
+        if gt is None:
+            if any("answer" not in a for a in answers):
+                raise ValueError("exact: no ground truth given and some answers carry no 'answer'")
+            gt = {question_key(a["question_id"]): str(a["answer"]) for a in answers}
+            pairs, _ = _match(answers, gt)
+        else:
+            pairs, missing = _match(answers, gt)
+        out = _accuracy_by_type(ExactMatchAccuracy, pairs, lambda a, g: (a["text"], g),
+                                lambda a, g: a.get("question_type"), normalizer=options.get("normalizer", "vqa"))
+    out["n"] = float(len(pairs))
+    if missing is not None:
+        out["n_missing"] = float(missing)
+    return out

@@ -1,1 +1,0 @@
-"""Lightning glue: the LightningModule, callbacks, trainer-side helpers."""

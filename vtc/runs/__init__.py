@@ -1,0 +1,1 @@
+"""Runs in MLflow: logging a run's config and parent, reports over seeds, and reproducible studies."""

@@ -1,0 +1,2 @@
+"""train.py's task: the LightningModule, the CompressionCurriculum callback, checkpoint writing, and
+what a run prints."""
