@@ -222,3 +222,13 @@ def test_experiment_defaults_to_train(tmp_path):
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
     with pytest.raises(SystemExit, match="'train'"):
         main(["--tracking-uri", uri, "--out", str(tmp_path / "r")])
+
+
+def test_a_long_param_value_labels_its_row_short_and_apart():
+    from vtc.runs.aggregate import LABEL_VALUE_CHARS, short
+
+    a = "[{'end': 0.25, 'knobs': {'layer': 2, 'stride': 8}}, {'end': 0.5, 'knobs': {'layer': 2, 'stride': 2}}]"
+    b = a.replace("'stride': 2}}]", "'stride': 4}}]")  # differs only past the cut
+    assert len(short(a)) <= LABEL_VALUE_CHARS and short(a) != short(b)
+    assert short(a).startswith(a[:LABEL_VALUE_CHARS - 9])
+    assert short("vtc.compressors.pool.AvgPool2d") == "AvgPool2d" and short("8") == "8"

@@ -8,6 +8,7 @@ already fetched; nothing here talks to the tracking server.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -103,8 +104,18 @@ def group_runs(runs) -> list[Group]:
     return out
 
 
+LABEL_VALUE_CHARS = 40
+
+
 def short(v: str) -> str:
-    return v.rsplit(".", 1)[-1] if isinstance(v, str) and v.startswith("vtc.") else v
+    """A param value as a row label shows it: a vtc class by its name, and a long value (a
+    schedule's stages, a list of shards) cut to ``LABEL_VALUE_CHARS`` with a digest of the whole,
+    so two long values that differ late still label two rows apart."""
+    if isinstance(v, str) and v.startswith("vtc."):
+        return v.rsplit(".", 1)[-1]
+    if isinstance(v, str) and len(v) > LABEL_VALUE_CHARS:
+        return f"{v[:LABEL_VALUE_CHARS - 9]}…#{hashlib.sha1(v.encode()).hexdigest()[:6]}"
+    return v
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
