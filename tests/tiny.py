@@ -58,3 +58,23 @@ def single(batch: dict, i: int) -> dict:
         pixel_values=batch["pixel_values"][[img]] if img >= 0 else batch["pixel_values"][:0],
         image_index=torch.tensor([0 if img >= 0 else -1]),
     )
+
+
+def splice_images(text_embeds, input_ids, attention_mask, labels, image_index, visual, image_token_id):
+    """``vtc.model.splice.splice`` for a batch of at most one image per sample: ``image_index``
+    [B] (row of ``visual`` [N, V, d] or -1) as the items the splice takes."""
+    from vtc.model.splice import splice
+
+    rows = [(b, int(i)) for b, i in enumerate(image_index.tolist()) if int(i) >= 0]
+    return splice(text_embeds, input_ids, attention_mask, labels, [b for b, _ in rows], [visual[i] for _, i in rows],
+                  image_token_id)
+
+
+def toy_video_batch(image_size: int = 56, frames: int = 4, seed: int = 0) -> dict:
+    """toy_batch's three samples with a video of ``frames`` frames where the first had its image."""
+    b = toy_batch(image_size, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.cat([torch.randn(frames, 3, image_size, image_size, generator=g), b["pixel_values"][1:2]])
+    items = torch.tensor([[0, 0, frames, 1], [1, frames, 1, 0]])  # (sample, first row, frames, kind)
+    out = {k: v for k, v in b.items() if k != "image_index"}
+    return dict(out, pixel_values=pixels, visual_items=items)

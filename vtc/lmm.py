@@ -15,7 +15,8 @@ from torch import nn
 
 from vtc.compressors.base import Compressor, NoCompression
 from vtc.compressors.chain import Pipeline
-from vtc.data.batch import IGNORE_INDEX
+from vtc.data.batch import IGNORE_INDEX, ITEM_VIDEO
+from vtc.data.collate import frames_per_sample, items_from_image_index, visual_items
 from vtc.model.encoder import VisionEncoder
 from vtc.model.llm import LanguageModel
 from vtc.model.projector import build_projector
@@ -34,6 +35,7 @@ class LMMOutput:
     #: every forward the step ran (M3 trains all its scales: one pass each); None = this one alone.
     #: FLOPs are summed over them, so a multi-pass step is counted in full.
     passes: list["LMMOutput"] | None = None
+    frames: torch.Tensor | None = None  # [B] images + video frames each sample encoded
 
     def all_passes(self) -> list["LMMOutput"]:
         return self.passes or [self]
@@ -80,7 +82,7 @@ class LMM(nn.Module):
 
     @property
     def pipeline(self) -> Pipeline:
-        """The run's compressors by site (vision, pre_llm, llm), the schedule's member included."""
+        """The run's compressors by site (vision, pre_llm, temporal, llm), the schedule's member included."""
         return Pipeline.of(self.compressor, self.stage_compressor)
 
     @property
@@ -116,16 +118,34 @@ class LMM(nn.Module):
             return p.dtype
         return self.llm.model.dtype
 
-    def build_sequence(self, input_ids, attention_mask, labels, pixel_values, image_index) -> SeqState:
+    def item_tokens(self, pixel_values: torch.Tensor | None, items: torch.Tensor) -> list[torch.Tensor]:
+        """Each visual item's tokens [L_m, d_llm]: its frames encoded (and compressed per frame)
+        like images, a video's frames pooled in time by the temporal site's member, then
+        concatenated in time order; nothing separates the frames (Video-LLaVA concatenates its 8
+        frames' tokens the same way)."""
+        if pixel_values is None or pixel_values.shape[0] == 0 or len(items) == 0:
+            return []
+        visual = self.encode_images(pixel_values)
+        temporal = self.pipeline.active("temporal")
+        out = []
+        for first, frames, kind in items[:, 1:4].tolist():
+            rows = visual[first:first + frames]
+            if temporal is not None and kind == ITEM_VIDEO:
+                rows = temporal(rows)  # [T, V, d] -> [T', V, d] (fixed-count pre-LLM methods only)
+            out.append(torch.cat(list(rows)) if isinstance(rows, list) else rows.reshape(-1, rows.shape[-1]))
+        return out
+
+    def build_sequence(self, input_ids, attention_mask, labels, pixel_values, items) -> SeqState:
+        """``items``: the batch's ``visual_items`` [M, 4], or ``image_index`` [B] (at most one
+        image per sample; :func:`vtc.data.collate.items_from_image_index`)."""
+        if items.dim() == 1:
+            items = items_from_image_index(items)
         # The placeholder id may lie outside the LLM's vocabulary (added to a real tokenizer):
         # its embedding is discarded by the splice, so embed the pad id in its place.
         ids = input_ids.masked_fill(input_ids == self.image_token_id, self.pad_token_id)
         embeds = self.llm.embed(ids)
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            visual = self.encode_images(pixel_values)
-        else:
-            visual = embeds.new_zeros(0, 0, embeds.shape[-1])
-        return splice(embeds, input_ids, attention_mask, labels, image_index, visual, self.image_token_id)
+        tokens = self.item_tokens(pixel_values, items)
+        return splice(embeds, input_ids, attention_mask, labels, items[:, 0].tolist(), tokens, self.image_token_id)
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> LMMOutput:
@@ -147,11 +167,13 @@ class LMM(nn.Module):
         loss = torch.stack([o.loss for o in outs]).mean()
         first = outs[0]
         return LMMOutput(loss=loss, num_targets=first.num_targets, visual_in=first.visual_in, seen=first.seen,
-                         lengths=first.lengths, targets_per_sample=first.targets_per_sample, passes=outs)
+                         lengths=first.lengths, targets_per_sample=first.targets_per_sample, passes=outs,
+                         frames=first.frames)
 
     def _forward_once(self, batch: dict) -> LMMOutput:
+        items = visual_items(batch)
         state = self.build_sequence(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], batch["image_index"]
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], items
         )
         visual_in = state.visual_counts()
         lengths = state.lengths
@@ -160,8 +182,9 @@ class LMM(nn.Module):
         logits = self.llm.logits(out.hidden[valid])
         n = int(valid.sum())
         loss = F.cross_entropy(logits.float(), out.targets[valid], reduction="sum") / max(n, 1)
+        frames = frames_per_sample(items, len(lengths))
         return LMMOutput(loss=loss, num_targets=n, visual_in=visual_in, seen=torch.stack(seen),
-                         lengths=lengths, targets_per_sample=valid.sum(1))
+                         lengths=lengths, targets_per_sample=valid.sum(1), frames=frames)
 
     # -- inference -------------------------------------------------------------------------------
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:
@@ -177,16 +200,17 @@ class LMM(nn.Module):
         gen_input_ids: torch.Tensor,
         gen_attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None,
-        image_index: torch.Tensor,
+        items: torch.Tensor,
         max_new_tokens: int = 8,
         eos_token_id: int | None = None,
     ) -> tuple[list[list[int]], torch.Tensor]:
         """Greedy decoding with a KV cache. Returns the new tokens per sample (eos excluded) and
-        the [num_layers, B] visual tokens each layer saw during prefill."""
+        the [num_layers, B] visual tokens each layer saw during prefill. ``items``: as in
+        ``build_sequence``."""
         from transformers import DynamicCache
 
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        state = self.build_sequence(gen_input_ids, gen_attention_mask, None, pixel_values, image_index)
+        state = self.build_sequence(gen_input_ids, gen_attention_mask, None, pixel_values, items)
         cache = DynamicCache(config=self.llm.config)
         in_llm = self.pipeline.active("llm")
         out, seen, masks = self.llm.run_layers(state, in_llm, cache=cache)

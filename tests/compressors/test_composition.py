@@ -20,7 +20,7 @@ from vtc.assembly.compressors import build_compressors
 from vtc.config import CONF_DIR, compose_conf
 from vtc.errors import ConfigError
 from vtc.lmm import LMM
-from tests.tiny import IMG, tiny_encoder, tiny_llm, toy_batch
+from tests.tiny import IMG, tiny_encoder, tiny_llm, toy_batch, toy_video_batch
 
 COMPRESSORS = sorted(p.stem for p in (CONF_DIR / "compressor").glob("*.yaml"))
 SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))
@@ -94,7 +94,8 @@ def test_matrix_cell_trains_or_is_refused(compressor, schedule, kernel):
     rec = Recorder()
     trainer = SimpleNamespace(global_step=0, max_steps=total, loggers=[rec])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batch = toy_batch(image_size=112)
+    # a temporal member pools a video's frames: give it one (it leaves images alone)
+    batch = toy_video_batch(image_size=112) if "temporal" in model.pipeline.by_site else toy_batch(image_size=112)
     seen_by_stage = {}
     for step in range(total):
         trainer.global_step = step

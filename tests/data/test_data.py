@@ -251,16 +251,16 @@ def test_collate_pads_and_indexes_images():
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 9, 6, 7, 8]]
     assert out["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 3 + [7, 8]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
-    assert out["image_index"].tolist() == [-1, 0] and torch.equal(out["pixel_values"][0], img)
+    assert out["visual_items"].tolist() == [[1, 0, 1, 0]] and torch.equal(out["pixel_values"][0], img)
     assert out["ids"] == ["a", "b"]
-    assert all(out[k].dtype == torch.long for k in ("input_ids", "labels", "attention_mask", "image_index"))
+    assert all(out[k].dtype == torch.long for k in ("input_ids", "labels", "attention_mask", "visual_items"))
     gen = collate([a, b], pad_id=0, generation=True)
     assert set(gen) == set(TRAIN_KEYS) | set(GEN_KEYS)
     assert gen["gen_input_ids"].tolist() == [[5, 0, 0], [5, 9, 6]]
     assert gen["gen_attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
     assert gen["answers"] == ["x", "y"] and gen["question_types"] == ["cell", ""]
     none = collate([a], pad_id=0, image_size=4)
-    assert tuple(none["pixel_values"].shape) == (0, 3, 4, 4) and none["image_index"].tolist() == [-1]
+    assert tuple(none["pixel_values"].shape) == (0, 3, 4, 4) and tuple(none["visual_items"].shape) == (0, 4)
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -294,7 +294,7 @@ def test_datamodule_batches_match_contract(tmp_path):
         B, T = b["input_ids"].shape
         assert B == 8 and b["labels"].shape == (B, T) and b["attention_mask"].shape == (B, T)
         assert b["pixel_values"].shape == (8, 3, 28, 28) and b["pixel_values"].dtype == torch.float32
-        assert b["image_index"].tolist() == list(range(8))
+        assert b["visual_items"].tolist() == [[i, i, 1, 0] for i in range(8)]
         assert ((b["input_ids"] == image_id).sum(1) == 1).all()
         assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
         assert ((b["labels"] != IGNORE_INDEX).sum(1) >= 2).all()  # answer + </s>
@@ -341,6 +341,6 @@ def test_datamodule_batches_match_contract(tmp_path):
     dm2.setup("validate")
     with pytest.warns(UserWarning, match="skipped sample"):
         (b,) = list(dm2.val_dataloader())
-    assert b["ids"] == ["ok", "text"] and b["image_index"].tolist() == [0, -1]
+    assert b["ids"] == ["ok", "text"] and b["visual_items"].tolist() == [[0, 0, 1, 0]]
     assert b["pixel_values"].shape == (1, 3, 28, 28)
     assert dm2.skipped == 1

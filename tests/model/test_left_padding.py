@@ -8,8 +8,7 @@ from vtc.compressors import AvgPool2d, NoCompression
 from vtc.compressors.fastv import FastV
 from vtc.compressors.vcc import VisualContextCompressor
 from vtc.data.batch import IGNORE_INDEX
-from vtc.model.splice import splice
-from tests.tiny import IMG, tiny_lmm
+from tests.tiny import IMG, splice_images as splice, tiny_lmm
 
 PAD = 0
 # (prompt, answer, has image): different lengths, images at different places, text-only rows.

@@ -8,8 +8,7 @@ from vtc.data.batch import IGNORE_INDEX
 from vtc.model.encoder import VisionEncoder
 from vtc.model.llm import LanguageModel
 from vtc.model.projector import build_projector
-from vtc.model.splice import splice
-from tests.tiny import IMG, tiny_lmm, toy_batch
+from tests.tiny import IMG, splice_images as splice, tiny_lmm, toy_batch
 
 def test_splice_matches_per_sample_concatenation():
     torch.manual_seed(0)

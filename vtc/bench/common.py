@@ -102,12 +102,17 @@ def load_compressor(name: str, **overrides):
 
 
 def compressor_names() -> list[str]:
-    """Every single-method compressor config file, ``none`` first. Chains (``_target_`` Chain,
-    e.g. stf_vcc) are compositions of methods measured here one by one, and are left out."""
+    """Every single-method compressor config file that acts on images, ``none`` first. Chains
+    (``_target_`` Chain, e.g. stf_vcc) are compositions of methods measured here one by one, and
+    are left out; so are video-only methods (site ``temporal``), which leave an image batch as it is."""
+    from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    names = sorted(p.stem for p in (CONF_DIR / "compressor").glob("*.yaml")
-                   if not str(OmegaConf.load(p).get("_target_", "")).endswith(".Chain"))
+    names = []
+    for p in sorted((CONF_DIR / "compressor").glob("*.yaml")):
+        target = str(OmegaConf.load(p).get("_target_", ""))
+        if not target.endswith(".Chain") and get_class(target).site != "temporal":
+            names.append(p.stem)
     return ["none"] + [n for n in names if n != "none"]
 
 

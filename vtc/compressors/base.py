@@ -3,7 +3,8 @@
 A compressor declares where it acts (``site``):
   - ``"vision"``: inside the vision encoder, between its blocks (ToMe);
   - ``"pre_llm"``: on the encoder's patch features, before the projector (pooling, STF,
-    PruMerge+, VisionZip, ...);
+    PruMerge+, VisionZip, ...), per image and per video frame;
+  - ``"temporal"``: on a video's frames after the projector (temporal pooling);
   - ``"llm"``: inside the LLM, before decoder layer ``layer`` (LLaVolta's pooling, FastV, DART).
 
 It exposes ``knobs``: the attribute names a curriculum may change during a run (a stride, a keep
@@ -42,6 +43,9 @@ class Compressor(nn.Module):
     #: recompute encoder attention). FSDP1 keeps such weights as flat shards there: the config
     #: check sends these methods to trainer=fsdp2, which vtc unshards explicitly.
     reads_layer_weights: ClassVar[bool] = False
+    #: True when the tokens kept per image depend on the image (PruMerge+): such a method hands a
+    #: list of per-image tensors on, which a temporal compressor cannot average frame by frame.
+    variable_tokens: ClassVar[bool] = False
 
     #: False turns the method off without removing it (a curriculum's uncompressed stage).
     #: Methods whose parameters replace the projector (STF) cannot be turned off.

@@ -23,7 +23,7 @@ from typing import ClassVar
 from vtc.compressors.base import Compressor
 from vtc.errors import ConfigError
 
-SITES = ("vision", "pre_llm", "llm")
+SITES = ("vision", "pre_llm", "temporal", "llm")  # the data's order: per frame, per video, in the LLM
 
 
 def _site_of(member) -> str:
@@ -38,9 +38,9 @@ class Chain(Compressor):
     site: ClassVar[str] = "chain"
 
     def __init__(self, vision: Compressor | None = None, pre_llm: Compressor | None = None,
-                 llm: Compressor | None = None):
+                 llm: Compressor | None = None, temporal: Compressor | None = None):
         super().__init__()
-        for site, member in (("vision", vision), ("pre_llm", pre_llm), ("llm", llm)):
+        for site, member in (("vision", vision), ("pre_llm", pre_llm), ("temporal", temporal), ("llm", llm)):
             if member is None:
                 continue
             if isinstance(member, Chain):
@@ -50,7 +50,7 @@ class Chain(Compressor):
                                   f"{member.site!r}, not {site!r}; put it under compressor.{_site_of(member)}")
             self.add_module(site, member)
         if not self.members():
-            raise ConfigError("compressor", "a Chain needs at least one of vision, pre_llm, llm")
+            raise ConfigError("compressor", "a Chain needs at least one of vision, pre_llm, temporal, llm")
 
     def members(self) -> dict[str, Compressor]:
         return {s: m for s, m in self.named_children() if s in SITES}
@@ -152,7 +152,7 @@ class Pipeline:
             if site in self.by_site:
                 raise ConfigError(key, f"{type(member).__name__} acts at site {site!r}, where "
                                   f"{self.keys[site]} already has {type(self.by_site[site]).__name__}: one compressor "
-                                  f"per site (vision, pre_llm, llm). {_hint(key)}")
+                                  f"per site (vision, pre_llm, temporal, llm). {_hint(key)}")
             self.keys[site] = key
             self.by_site[site] = member
 
@@ -181,6 +181,11 @@ class Pipeline:
             raise ConfigError(self.keys["pre_llm"], f"{type(vision).__name__} ({self.keys['vision']}) merges tokens inside "
                               "the encoder and leaves no patch grid, which pre-LLM compressors read; pair it with an "
                               "in-LLM compressor (e.g. schedule=llavolta) or use one of the two alone")
+        temporal = self.by_site.get("temporal")
+        if temporal is not None and pre is not None and pre.variable_tokens:
+            raise ConfigError(self.keys["temporal"], f"{type(temporal).__name__} averages frames token by token, but "
+                              f"{type(pre).__name__} ({self.keys['pre_llm']}) keeps a different number of tokens in each "
+                              "frame; pair it with a fixed-count method (pool, stf, visionzip, ...)")
         llm = self.by_site.get("llm")
         if llm is not None and getattr(llm, "stride", None) and getattr(llm, "layer", None) is not None:
             left = self.tokens_in_llm(encoder.num_patches)

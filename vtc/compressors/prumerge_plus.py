@@ -92,6 +92,7 @@ def merge_kept(x: torch.Tensor, keys: torch.Tensor, a: torch.Tensor, keep: torch
 
 class PruMergePlus(PreLLMCompressor):
     needs_cls: ClassVar[bool] = True
+    variable_tokens: ClassVar[bool] = True
     reads_layer_weights: ClassVar[bool] = True  # CLS attention recomputed with an encoder block's q/k
     knobs: ClassVar[tuple[str, ...]] = ("knn",)
 

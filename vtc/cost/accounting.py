@@ -53,6 +53,7 @@ def batch_flops(
     trainable: tuple[str, ...] | None = None,
     extra_per_image: float = 0.0,
     vision_tokens_per_layer: list | None = None,
+    frames_per_sample: torch.Tensor | None = None,
 ) -> float:
     """Sum over samples of forward (``trainable=None``) or training-step FLOPs.
 
@@ -62,6 +63,8 @@ def batch_flops(
     counted at 3x in training when the compressor trains, 1x otherwise;
     vision_tokens_per_layer: per image, what each encoder block runs on when the compressor
     shrinks the tower (``Compressor.encoder_tokens``); None: the full tower.
+    frames_per_sample [B]: images and video frames each sample encodes (every one runs the
+    tower and the per-image compressor); None: one for a sample with visual tokens.
     """
     frozen: tuple[str, ...] = ()
     if trainable is not None:
@@ -71,6 +74,7 @@ def batch_flops(
         vis = int(visual_in[b])
         text = int(lengths[b]) - vis
         has_image = vis > 0
+        frames = int(frames_per_sample[b]) if frames_per_sample is not None else int(has_image)
         fwd = forward_flops(
             shape,
             text_tokens=text,
@@ -79,8 +83,10 @@ def batch_flops(
             projector_tokens=(int(projector_tokens[b]) if projector_tokens is not None else vis) if has_image else 0,
             lm_head_tokens=int(targets_per_sample[b]) if targets_per_sample is not None else 1,
         )
+        if frames > 1:  # the tower ran once per frame; forward_flops counted one
+            fwd = {**fwd, "vision": frames * fwd["vision"], "total": fwd["total"] + (frames - 1) * fwd["vision"]}
         total += train_step_flops(fwd, frozen) if trainable is not None else fwd["total"]
         if has_image and extra_per_image:
             factor = 3 if trainable is not None and "compressor" in trainable else 1
-            total += factor * extra_per_image
+            total += factor * extra_per_image * max(frames, 1)
     return total

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtc.cost.accounting import batch_flops, model_shape
+from vtc.data.collate import frames_per_sample, items_from_image_index
 
 __all__ = ["BatchCost", "CostMeter", "kv_cache_bytes"]
 
@@ -187,8 +188,11 @@ class CostMeter:
             rec.equiv_visual = [float(x) for x in seen_cpu[:, has].float().mean(0)] if bool(has.any()) else []
             if self.flops:
                 info = model.encoder.info
+                items = args[3] if len(args) > 3 else kwargs["items"]  # generate(ids, mask, pixels, items, ...)
+                items = items if items.dim() == 2 else items_from_image_index(items)
                 rec.prefill_flops = batch_flops(self.shape, prompt["lengths"], vis, seen_cpu, None, trainable=None,
-                                                extra_per_image=model.pipeline.own_flops(info.num_patches))
+                                                extra_per_image=model.pipeline.own_flops(info.num_patches),
+                                                frames_per_sample=frames_per_sample(items.cpu(), B))
         return (tokens, seen), rec
 
     # -- results -------------------------------------------------------------------------------------

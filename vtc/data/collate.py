@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vtc.data.batch import IGNORE_INDEX
+from vtc.data.batch import IGNORE_INDEX, ITEM_IMAGE
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,12 +27,45 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch
     return out, mask
 
 
+def sample_items(sample: dict) -> list[tuple[int, torch.Tensor]]:
+    """A decoded sample's visual items as (kind, frames [t, 3, H, W]): its ``visual`` list, or the
+    one image of ``pixel_values`` ([3, H, W] or None) of a sample built the single-image way."""
+    if sample.get("visual") is not None:
+        return [(int(kind), frames) for kind, frames in sample["visual"]]
+    pv = sample.get("pixel_values")
+    return [] if pv is None else [(ITEM_IMAGE, pv.unsqueeze(0))]
+
+
+def visual_items(batch: dict) -> torch.Tensor:
+    """The batch's ``visual_items`` [M, 4] (sample, first frame row, frames, kind); from
+    ``image_index`` [B] for a batch built by hand with at most one image per sample."""
+    if batch.get("visual_items") is not None:
+        return batch["visual_items"]
+    return items_from_image_index(batch["image_index"])
+
+
+def items_from_image_index(image_index: torch.Tensor) -> torch.Tensor:
+    """``image_index`` [B] (row of pixel_values or -1) as ``visual_items``: one one-frame image
+    item per sample that has a row."""
+    samples = (image_index >= 0).nonzero().squeeze(1)
+    rows = image_index[samples]
+    ones = torch.ones_like(rows)
+    return torch.stack([samples, rows, ones, ones * ITEM_IMAGE], dim=1).long()
+
+
+def frames_per_sample(items: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[B] images and video frames of each sample (what the vision tower runs on)."""
+    out = torch.zeros(batch_size, dtype=torch.long, device=items.device)
+    return out.index_add_(0, items[:, 0], items[:, 2])
+
+
 def collate(samples: Sequence[dict], pad_id: int, image_size: int | Sequence[int] | None = None,
             generation: bool = False) -> dict:
     """Decoded samples -> one batch of the :mod:`vtc.data.batch` contract.
 
-    A sample is a dict with ``id``, ``input_ids``, ``labels`` (lists or 1-D tensors),
-    ``pixel_values`` (``[3, H, W]`` tensor or ``None``) and, for ``generation=True``,
+    A sample is a dict with ``id``, ``input_ids``, ``labels`` (lists or 1-D tensors), its visual
+    items (``visual``: a list of (kind, frames [t, 3, H, W]) in placeholder order; or
+    ``pixel_values``: one image [3, H, W] or ``None``) and, for ``generation=True``,
     ``gen_input_ids``, ``answer`` and optionally ``question_type``. Everything is right-padded
     (``pad_id`` / ``IGNORE_INDEX`` / 0 in the masks). ``image_size`` (int or ``(H, W)``) only
     shapes ``pixel_values`` when no sample has an image; without it that case gives
@@ -44,13 +77,14 @@ def collate(samples: Sequence[dict], pad_id: int, image_size: int | Sequence[int
     labels, _ = _pad([list(map(int, s["labels"])) for s in samples], IGNORE_INDEX)
     if labels.shape != input_ids.shape or any(len(s["labels"]) != len(s["input_ids"]) for s in samples):
         raise ValueError("every sample needs as many labels as input_ids")
-    images, image_index = [], torch.full((len(samples),), -1, dtype=torch.long)
+    frames, items = [], []
     for i, s in enumerate(samples):
-        if s.get("pixel_values") is not None:
-            image_index[i] = len(images)
-            images.append(s["pixel_values"])
-    if images:
-        pixel_values = torch.stack(images).to(torch.float32)
+        for kind, f in sample_items(s):
+            rows = sum(len(x) for x in frames)
+            items.append((i, rows, len(f), kind))
+            frames.append(f)
+    if frames:
+        pixel_values = torch.cat(frames).to(torch.float32)
     else:
         if image_size is None:
             h = w = 0
@@ -59,12 +93,13 @@ def collate(samples: Sequence[dict], pad_id: int, image_size: int | Sequence[int
         else:
             h, w = image_size
         pixel_values = torch.zeros((0, 3, h, w), dtype=torch.float32)
+    item_table = torch.tensor(items, dtype=torch.long).reshape(-1, 4)
     batch: dict[str, Any] = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": pixel_values,
-        "image_index": image_index,
+        "visual_items": item_table,
         "ids": [str(s["id"]) for s in samples],
     }
     if generation:

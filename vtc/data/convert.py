@@ -4,10 +4,12 @@ Usage::
 
     python -m vtc.data.convert --json llava_v1_5_mix665k.json --images /data/images \\
         --out /data/shards/mix665k [--shard-size 1000] [--workers 8] [--max-side 1024] \\
-        [--prefix mix665k] [--exif-transpose] [--quiet]
+        [--prefix mix665k] [--exif-transpose] [--videos /data/videos] [--frames 8] [--quiet]
 
 Input: a JSON list of records, or JSONL (one record per line), each
-``{"id", "image"? (path relative to --images), "conversations": [{"from", "value"}, ...], ...}``.
+``{"id", "image"? (a path relative to --images, or a list of them), "video"? (a path relative to
+--videos, default --images, or a list), "conversations": [{"from", "value"}, ...], ...}``. A
+video is stored as ``--frames`` frames sampled uniformly over its length (docs/video.md).
 
 Output (everything in ``--out``)::
 
@@ -21,7 +23,8 @@ Output (everything in ``--out``)::
 
 The parts, each documented where it lives: which records are kept and why the others are
 skipped (:mod:`vtc.data.convert_records`), how images are re-encoded
-(:mod:`vtc.data.convert_images`), the samples' keys and the shards' bytes and done markers
+(:mod:`vtc.data.convert_images`), which frames of a video are kept (:mod:`vtc.data.video_frames`,
+:mod:`vtc.data.convert_videos`), the samples' keys and the shards' bytes and done markers
 (:mod:`vtc.data.convert_shards`). :mod:`vtc.data.convert_bench` times :func:`convert`.
 
 Parallelism and resumption. Records are cut into chunks of ``--shard-size``; chunk i becomes shard
@@ -30,8 +33,9 @@ is identical for any ``--workers``. A killed run never leaves a partial file und
 (each shard and marker is written to a temporary file and renamed). A rerun deletes
 ``index.json`` and stale ``*.tmp`` files, keeps each shard whose done marker matches (same input
 records, same options, same tar size) and rewrites the others; shards left over from an earlier
-run with more chunks are deleted. Changes to image files on disk are not detected: delete the done
-markers (or the output) to force a rebuild. Two converters must not share an output directory.
+run with more chunks are deleted. Changes to image or video files on disk are not detected: delete
+the done markers (or the output) to force a rebuild. Two converters must not share an output
+directory.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from vtc.data.convert_shards import (
     shard_name,
     write_shard,
 )
+from vtc.data.convert_videos import MAX_FRAMES
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -69,14 +74,20 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 def convert(json_path: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike,
             shard_size: int = 1000, workers: int = 1, max_side: int | None = None,
             prefix: str = "shard", exif_transpose: bool = False, progress: bool = True,
-            summary: bool = True) -> dict:
-    """Convert a LLaVA JSON/JSONL file to webdataset shards in ``out_dir``. Returns index.json."""
+            summary: bool = True, frames: int = 8,
+            videos_dir: str | os.PathLike | None = None) -> dict:
+    """Convert a LLaVA JSON/JSONL file to webdataset shards in ``out_dir``. Returns index.json.
+
+    ``frames``: frames kept per video; ``videos_dir``: where video paths are relative to
+    (default ``images_dir``)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be in 1..{MAX_FRAMES}, got {frames}")
     if not _PREFIX_RE.match(prefix):
         raise ValueError(f"prefix must match {_PREFIX_RE.pattern}, got {prefix!r}")
     t0 = time.perf_counter()
@@ -86,7 +97,8 @@ def convert(json_path: str | os.PathLike, images_dir: str | os.PathLike, out_dir
     n = len(items)
     digits = max(MIN_KEY_DIGITS, len(str(max(n - 1, 0))))
     opts = Options(images_dir=os.fspath(images_dir), max_side=max_side,
-                   exif_transpose=exif_transpose)
+                   exif_transpose=exif_transpose, frames=frames,
+                   videos_dir=None if videos_dir is None else os.fspath(videos_dir))
     n_shards = math.ceil(n / shard_size)
     clean_output_dir(out_dir, prefix, n_shards)
 
@@ -143,7 +155,8 @@ def convert(json_path: str | os.PathLike, images_dir: str | os.PathLike, out_dir
     index = {"shards": shards, "total": total, "skipped": len(skipped), "records": n,
              "skipped_by_reason": dict(sorted(reasons.items())),
              "options": {"shard_size": shard_size, "prefix": prefix, "jpeg_quality": JPEG_QUALITY,
-                         **{k: v for k, v in asdict(opts).items() if k != "images_dir"}},
+                         **{k: v for k, v in asdict(opts).items()
+                            if k not in ("images_dir", "videos_dir")}},
              "format_version": FORMAT_VERSION}
     atomic_write(os.path.join(out_dir, INDEX_NAME),
                   json.dumps(index, ensure_ascii=False, indent=1).encode("utf-8"))
@@ -173,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "shards (see the module docstring for the layout).")
     p.add_argument("--json", required=True, help="LLaVA JSON list or JSONL file")
     p.add_argument("--images", required=True, help="directory the records' 'image' paths are under")
+    p.add_argument("--videos", default=None,
+                   help="directory the records' 'video' paths are under (default: --images)")
+    p.add_argument("--frames", type=int, default=8,
+                   help="frames sampled uniformly over each video (Video-LLaVA's rule)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--shard-size", type=int, default=1000, help="input records per shard")
     p.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
@@ -186,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         convert(a.json, a.images, a.out, shard_size=a.shard_size, workers=a.workers,
                 max_side=a.max_side, prefix=a.prefix, exif_transpose=a.exif_transpose,
-                progress=not a.quiet)
+                progress=not a.quiet, frames=a.frames, videos_dir=a.videos)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Separate from the record checks (:mod:`vtc.data.convert_records`) and the shard writing
 (:mod:`vtc.data.convert_shards`): it is the one place that decides the pixels a model trained on
-converted shards sees.
+converted shards sees. Video frames get the same policy through :func:`fit_image` and
+:func:`encode_jpeg` (:mod:`vtc.data.convert_videos`); EXIF and draft decoding concern files only.
 
 Image policy (see :func:`to_rgb`, which is :func:`vtc.data.image.to_rgb` on white):
 
@@ -46,12 +47,15 @@ BACKGROUND = (255, 255, 255)  # transparency is composited on white (see module 
 
 @dataclass(frozen=True)
 class Options:
-    """Per-run settings for the workers. ``max_side`` and ``exif_transpose`` decide a shard's
-    bytes and enter its fingerprint; ``images_dir`` does not (moving the images is harmless)."""
+    """Per-run settings for the workers. ``max_side``, ``exif_transpose`` and ``frames`` (per
+    video, :mod:`vtc.data.convert_videos`) decide a shard's bytes and enter its fingerprint;
+    ``images_dir`` and ``videos_dir`` (None: ``images_dir``) do not (moving files is harmless)."""
 
     images_dir: str
     max_side: int | None = None
     exif_transpose: bool = False
+    frames: int = 8
+    videos_dir: str | None = None
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -68,6 +72,14 @@ def target_size(width: int, height: int, max_side: int | None) -> tuple[int, int
     if width >= height:
         return max_side, max(1, round(height * scale))
     return max(1, round(width * scale)), max_side
+
+
+def fit_image(im: Image.Image, max_side: int | None) -> Image.Image:
+    """The policy for an already decoded picture (a video frame): :func:`to_rgb`, then shrink to
+    :func:`target_size` with the antialiased bicubic filter, as :func:`load_image` does."""
+    rgb = to_rgb(im)
+    size = target_size(rgb.width, rgb.height, max_side)
+    return rgb if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC)
 
 
 def load_image(image: str, opts: Options) -> Image.Image:

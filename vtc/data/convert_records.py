@@ -2,47 +2,71 @@
 
 Separate from the image handling (:mod:`vtc.data.convert_images`) and the shard writing
 (:mod:`vtc.data.convert_shards`): this is the converter's record policy and its vocabulary of
-skip reasons, which the other two raise too.
+skip reasons, which the image, video and shard modules raise too.
 
 Input: a JSON list of records, or JSONL (one record per line), each
-``{"id", "image"? (path relative to --images), "conversations": [{"from", "value"}, ...], ...}``.
+``{"id", "image"?, "video"?, "conversations": [{"from", "value"}, ...], ...}``. ``"image"`` is one
+path (relative to --images) or a list of paths; ``"video"`` (Video-LLaVA / LLaVA-Video records)
+one path (relative to --videos) or a list. The placeholders ``<image>`` and ``<video>`` in the
+text say where each item goes (docs/video.md): the k-th ``<image>`` takes the k-th image, the k-th
+``<video>`` the k-th video.
 
-Record policy. Kept as they are (the converter never rewrites text):
+Record policy. Kept as they are (the converter never rewrites text; it only adds a video record's
+``"video_timestamps"``):
 
-* text-only records (no "image" key, or "image": null);
+* text-only records (no "image"/"video" key, or null);
 * multi-turn conversations;
-* ``<image>`` anywhere in a turn (start, middle, end of the first human turn, or a later turn);
-* a record with an image but no ``<image>`` in its text: LLaVA's loader prepends
-  ``<image>\\n`` to the first human turn in that case, and our templates do the same.
+* placeholders anywhere in a turn (start, middle, end of the first human turn, or a later turn);
+* a record whose one visual item (one image or one video, given as a string) has no placeholder
+  in its text: LLaVA's loader prepends ``<image>\\n`` to the first human turn in that case, and
+  our templates do the same;
+* lists of images and/or videos with exactly one placeholder per item (a list of one included).
 
 Skipped (:class:`SkipSample`), with the reason in ``skipped.jsonl``, the done markers, index.json
 and the summary:
 
-==========================  ==================================================================
-``bad_json``                a JSONL line that does not parse
-``bad_record``              a record that is not a JSON object
-``bad_conversation``        "conversations" missing, not a list, empty, a turn that is not an
-                            object or lacks a string "from"/"value", or roles that do not
-                            alternate human, gpt, human, ... starting with human (a conversation
-                            may end on a human turn: evaluation prompts do)
-``bad_image_field``         "image" present but not a non-empty string (multi-image lists are
-                            not supported: one image per sample)
-``image_token_without_image``  ``<image>`` in the text but no image
-``multiple_image_tokens``   more than one ``<image>`` for the one image
-``missing_image``           the image path is not a file under --images
-``corrupt_image``           the file cannot be decoded (random bytes, truncated, ...)
-``image_too_large``         beyond Pillow's decompression-bomb limit
-``unsupported_image_mode``  a mode that cannot be turned into RGB
-==========================  ==================================================================
+==============================  ==============================================================
+``bad_json``                    a JSONL line that does not parse
+``bad_record``                  a record that is not a JSON object
+``bad_conversation``            "conversations" missing, not a list, empty, a turn that is not
+                                an object or lacks a string "from"/"value", or roles that do not
+                                alternate human, gpt, human, ... starting with human (a
+                                conversation may end on a human turn: evaluation prompts do)
+``bad_image_field``             "image" neither a non-empty string nor a list of them, or a list
+                                whose length is not the number of ``<image>`` in the text
+``bad_video_field``             the same for "video" and ``<video>``
+``image_token_without_image``   ``<image>`` in the text but no "image"
+``video_token_without_video``   ``<video>`` in the text but no "video"
+``multiple_image_tokens``       more than one ``<image>`` for one image given as a string
+``multiple_video_tokens``       more than one ``<video>`` for one video given as a string
+``missing_placeholder``         a string "image"/"video" with no placeholder in a record with
+                                several visual items (only a lone item may omit it)
+``missing_image``               an image path that is not a file under --images
+``corrupt_image``               the file cannot be decoded (random bytes, truncated, ...)
+``image_too_large``             beyond Pillow's decompression-bomb limit
+``unsupported_image_mode``      a mode that cannot be turned into RGB
+``missing_video``               a video path that is not a file under --videos
+``corrupt_video``               unreadable: an empty file, or FFmpeg (PyAV) cannot open it or
+                                reports a decoding error (random bytes, truncated, ...)
+``no_video_stream``             the file opens but holds no video stream (audio, cover art)
+``video_too_short``             the video stream yields no frame; a video with at least one frame
+                                but fewer than --frames is kept, frames repeated as Video-LLaVA
+                                does (:mod:`vtc.data.video_frames`)
+==============================  ==============================================================
+
+One record is one sample: a failure of any of its items skips the whole record, with that item's
+reason (images are loaded first, then videos, each in list order).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 
 # Reason codes, stable strings (tests and downstream reports match on them).
 BAD_JSON = "bad_json"
@@ -55,6 +79,20 @@ MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 IMAGE_TOO_LARGE = "image_too_large"
 UNSUPPORTED_IMAGE_MODE = "unsupported_image_mode"
+BAD_VIDEO_FIELD = "bad_video_field"
+VIDEO_TOKEN_WITHOUT_VIDEO = "video_token_without_video"
+MULTIPLE_VIDEO_TOKENS = "multiple_video_tokens"
+MISSING_PLACEHOLDER = "missing_placeholder"
+MISSING_VIDEO = "missing_video"
+CORRUPT_VIDEO = "corrupt_video"
+NO_VIDEO_STREAM = "no_video_stream"
+VIDEO_TOO_SHORT = "video_too_short"
+
+# Per kind of item: (record field, placeholder, bad field, token without item, several tokens).
+_KINDS = {"image": ("image", IMAGE_TOKEN, BAD_IMAGE_FIELD, IMAGE_TOKEN_WITHOUT_IMAGE,
+                    MULTIPLE_IMAGE_TOKENS),
+          "video": ("video", VIDEO_TOKEN, BAD_VIDEO_FIELD, VIDEO_TOKEN_WITHOUT_VIDEO,
+                    MULTIPLE_VIDEO_TOKENS)}
 
 
 class SkipSample(Exception):
@@ -101,8 +139,21 @@ def load_records(path: str | os.PathLike) -> list[tuple[Any, str | None]]:
     raise ValueError(f"{path}: expected a JSON list of records or JSONL, got {stripped[:40]!r}")
 
 
-def validate_record(record: Any) -> str | None:
-    """Check a record's structure. Returns its image path (None if text-only) or raises SkipSample."""
+@dataclass(frozen=True)
+class Visuals:
+    """A valid record's items: image and video paths, each list in placeholder order."""
+
+    images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
+
+    @property
+    def single_image(self) -> bool:
+        """One image and nothing else: stored as ``KEY.jpg`` (as before video support)."""
+        return len(self.images) == 1 and not self.videos
+
+
+def validate_record(record: Any) -> Visuals:
+    """Check a record's structure and placeholders. Returns its items or raises SkipSample."""
     if not isinstance(record, dict):
         raise SkipSample(BAD_RECORD, f"a {type(record).__name__}, not an object")
     conv = record.get("conversations")
@@ -110,7 +161,7 @@ def validate_record(record: Any) -> str | None:
         raise SkipSample(BAD_CONVERSATION, "'conversations' missing or not a list")
     if not conv:
         raise SkipSample(BAD_CONVERSATION, "empty conversation")
-    n_tokens = 0
+    counts = {kind: 0 for kind in _KINDS}
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict):
             raise SkipSample(BAD_CONVERSATION, f"turn {i} is not an object")
@@ -120,15 +171,31 @@ def validate_record(record: Any) -> str | None:
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
             raise SkipSample(BAD_CONVERSATION, f"turn {i} is from {role!r}, expected {expected!r}")
-        n_tokens += value.count(IMAGE_TOKEN)
+        for kind, (_, token, *_) in _KINDS.items():
+            counts[kind] += value.count(token)
 
-    image = record.get("image")
-    if image is None:
-        if n_tokens:
-            raise SkipSample(IMAGE_TOKEN_WITHOUT_IMAGE, f"{n_tokens} {IMAGE_TOKEN} but no image")
-        return None
-    if not isinstance(image, str) or not image:
-        raise SkipSample(BAD_IMAGE_FIELD, f"'image' is {type(image).__name__} {str(image)[:80]!r}")
-    if n_tokens > 1:
-        raise SkipSample(MULTIPLE_IMAGE_TOKENS, f"{n_tokens} {IMAGE_TOKEN} for one image")
-    return image
+    items, unplaced = {}, []
+    for kind, (field, token, bad_field, without, multiple) in _KINDS.items():
+        value, n_tokens = record.get(field), counts[kind]
+        if value is None:
+            if n_tokens:
+                raise SkipSample(without, f"{n_tokens} {token} but no {field}")
+            items[kind] = ()
+        elif isinstance(value, str) and value:
+            if n_tokens > 1:
+                raise SkipSample(multiple, f"{n_tokens} {token} for one {field}")
+            if n_tokens == 0:
+                unplaced.append(field)
+            items[kind] = (value,)
+        elif isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            if len(value) != n_tokens:
+                raise SkipSample(bad_field, f"{len(value)} {field} paths for {n_tokens} {token}")
+            items[kind] = tuple(value)
+        else:
+            raise SkipSample(bad_field, f"{field!r} is {type(value).__name__} {str(value)[:80]!r}")
+    visuals = Visuals(images=items["image"], videos=items["video"])
+    if unplaced and len(visuals.images) + len(visuals.videos) > 1:
+        raise SkipSample(MISSING_PLACEHOLDER, f"no placeholder for the {unplaced[0]} of a record "
+                                              f"with {len(visuals.images)} images and "
+                                              f"{len(visuals.videos)} videos")
+    return visuals

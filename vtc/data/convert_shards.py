@@ -4,19 +4,26 @@ Separate from the driver (:mod:`vtc.data.convert`): this is what a converter wor
 one whole shard at a time, and it alone fixes the shards' names, members and bytes, and the
 markers by which a rerun knows which shards it may keep.
 
-Each sample in a shard is ``{key}.jpg`` (only when the record has an image) and ``{key}.json``
-(the input record unchanged: "id", "conversations", the original "image" path and any other
-field). ``key`` is ``{position:09d}_{sanitised id}``: the record's 0-based position in the input
-plus its id reduced to ``[A-Za-z0-9_-]`` (at most 64 characters), so keys are unique, sort in input
-order, and contain no dot (webdataset splits key from extension at the first dot). The original id
-is in the JSON. Tar members are sorted by name, with mtime 0, uid/gid 0, mode 0644: a shard's bytes
-depend only on its input records and the options, never on ``--workers`` or on the clock.
+Each sample in a shard is ``{key}.json`` (the input record unchanged: "id", "conversations", the
+original "image"/"video" paths and any other field; a video record gains ``"video_timestamps"``)
+plus its visual items (docs/video.md, :func:`convert_record`): ``{key}.jpg`` for a sample whose
+only item is one image; otherwise ``{key}.img0.jpg``, ``{key}.img1.jpg``, ... for its images and
+``{key}.vid0.000.jpg``, ``{key}.vid0.001.jpg``, ... for the frames of its videos, images and
+videos each numbered in placeholder order.
+
+``key`` is ``{position:09d}_{sanitised id}``: the record's 0-based position in the input plus its
+id reduced to ``[A-Za-z0-9_-]`` (at most 64 characters), so keys are unique, sort in input order,
+and contain no dot (webdataset splits key from extension at the first dot, so ``vid0.000.jpg`` is
+one extension). The original id is in the JSON. Tar members are sorted by name, with mtime 0,
+uid/gid 0, mode 0644: a shard's bytes depend only on its input records and the options, never on
+``--workers`` or on the clock.
 
 A shard is written to ``name.tar.tmp``, fsynced, and renamed to ``name.tar``; only then is
 ``name.tar.done.json`` written (also via a temporary file and a rename: :func:`atomic_write`). A
 killed run therefore never leaves a partial file under a final name. A done marker is valid only
-for the same input records, the same options and the same tar size (:func:`chunk_fingerprint`,
-:func:`read_valid_marker`); :func:`clean_output_dir` removes what a rerun must not trust.
+for the same input records, the same options (``--frames`` included) and the same tar size
+(:func:`chunk_fingerprint`, :func:`read_valid_marker`); :func:`clean_output_dir` removes what a
+rerun must not trust.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from typing import Any, Iterable, Sequence
 
 from vtc.data.convert_images import BACKGROUND, JPEG_QUALITY, Options, encode_jpeg, load_image
 from vtc.data.convert_records import BAD_JSON, SkipSample, validate_record
+from vtc.data.convert_videos import load_video
 
 # Bump when a change alters the bytes written for the same input: it invalidates done markers.
-FORMAT_VERSION = 1
+# 2: video and multi-image records (skipped by version 1) are kept.
+FORMAT_VERSION = 2
 KEY_ID_CHARS = 64
 MIN_KEY_DIGITS = 9
 
@@ -63,14 +72,28 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def convert_record(record: Any, opts: Options) -> tuple[bytes | None, bytes]:
-    """One record to ``(jpeg bytes or None, json bytes)``, or raise SkipSample."""
-    image = validate_record(record)
-    jpg = None
-    if image is not None:
-        jpg = encode_jpeg(load_image(image, opts))
+def convert_record(record: Any, opts: Options) -> tuple[list[tuple[str, bytes]], bytes]:
+    """One record to ``(visual members as (extension, bytes), json bytes)``, or raise SkipSample.
+
+    Extensions: ``jpg`` for a lone image; else ``img{i}.jpg`` per image and ``vid{j}.{f:03d}.jpg``
+    per frame of each video. A video record's JSON gains ``"video_timestamps"``: per video, its
+    frames' times in seconds."""
+    visuals = validate_record(record)
+    members: list[tuple[str, bytes]] = []
+    if visuals.single_image:
+        members.append(("jpg", encode_jpeg(load_image(visuals.images[0], opts))))
+    else:
+        for i, image in enumerate(visuals.images):
+            members.append((f"img{i}.jpg", encode_jpeg(load_image(image, opts))))
+    timestamps = []
+    for j, video in enumerate(visuals.videos):
+        frames, times = load_video(video, opts)
+        members += [(f"vid{j}.{f:03d}.jpg", jpg) for f, jpg in enumerate(frames)]
+        timestamps.append(times)
+    if visuals.videos:
+        record = {**record, "video_timestamps": timestamps}
     text = json.dumps(record, ensure_ascii=False).encode("utf-8")
-    return jpg, text
+    return members, text
 
 
 def _fsync_write(path: str, data: bytes) -> None:
@@ -114,7 +137,7 @@ def chunk_fingerprint(items: Sequence[tuple[Any, str | None]], start: int, opts:
     h = hashlib.sha256()
     header = {"version": FORMAT_VERSION, "quality": JPEG_QUALITY, "background": BACKGROUND,
               "start": start, "digits": digits, "max_side": opts.max_side,
-              "exif_transpose": opts.exif_transpose}
+              "exif_transpose": opts.exif_transpose, "frames": opts.frames}
     h.update(json.dumps(header, sort_keys=True).encode())
     for record, error in items:
         h.update(b"\n")
@@ -148,14 +171,13 @@ def write_shard(task: ShardTask) -> dict:
         try:
             if error is not None:
                 raise SkipSample(BAD_JSON, error)
-            jpg, text = convert_record(record, task.opts)
+            visual, text = convert_record(record, task.opts)
         except SkipSample as s:
             rid = _record_id(record)
             skipped.append({"index": position, "id": rid, "reason": s.reason, "detail": s.detail})
             continue
         key = make_key(position, _record_id(record), task.digits)
-        if jpg is not None:
-            members.append((f"{key}.jpg", jpg))
+        members += [(f"{key}.{ext}", data) for ext, data in visual]
         members.append((f"{key}.json", text))
     tmp = final + TMP_SUFFIX
     size = write_tar(tmp, members)

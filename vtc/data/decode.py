@@ -9,8 +9,12 @@ extensions; members with any other extension (``.pyd``, ``.pickle``, ``.pth``, `
 dropped unread, by name, before their bytes are read (:func:`keep_member`, the filter the shard
 readers pass to the tar iterator). A ``json`` member holds a LLaVA record (``conversations``,
 optional ``question_type``); a lone ``txt`` member is a caption (``<image>`` -> caption, for
-``plain`` pretraining). An image whose text has no ``<image>`` gets ``<image>\\n`` prepended to the
-first human turn (LLaVA's rule). What cannot be decoded raises :class:`vtc.data.skips.SampleError`
+``plain`` pretraining). Visual items (docs/video.md): the image member of a single-image sample
+(``jpg``), the images of a multi-image one (``img0.jpg``, ``img1.jpg``, ...), the frames of each
+video (``vid0.000.jpg``, ...); the k-th ``<image>``/``<video>`` of the text takes the next image /
+video, and the decoded sample lists them as ``visual``: (kind, frames [t, 3, H, W]) in text order.
+A sample with one item whose text has no placeholder gets ``<image>\\n`` prepended to the first
+human turn (LLaVA's rule). What cannot be decoded raises :class:`vtc.data.skips.SampleError`
 with its skip reason.
 """
 
@@ -18,14 +22,16 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
 
-from vtc.data.batch import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vtc.data.batch import IGNORE_INDEX, IMAGE_PLACEHOLDER, ITEM_IMAGE, ITEM_VIDEO
 from vtc.data.image import ImageProcessor
 from vtc.data.skips import DataStats, SampleError, check_unknown_tokens
-from vtc.data.templates import encode_conversation
+from vtc.data.templates import encode_conversation, placeholder_kinds
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("json", "txt")
@@ -36,6 +42,24 @@ OVERLONG = ("truncate", "skip")
 def keep_member(fname: str) -> bool:
     """Tar member filter: only image and text extensions are read into samples."""
     return fname.rsplit(".", 1)[-1].lower() in _KEEP_EXTS
+
+
+_MULTI_IMAGE = re.compile(rf"img(\d+)\.({'|'.join(IMAGE_EXTS)})")
+_VIDEO_FRAME = re.compile(rf"vid(\d+)\.(\d+)\.({'|'.join(IMAGE_EXTS)})")
+
+
+def visual_members(sample: dict) -> dict[str, list[list[str]]]:
+    """A raw sample's visual members by kind, each item as its member names (docs/video.md):
+    ``{"image": [[jpg] or [img0.jpg], [img1.jpg], ...], "video": [[vid0.000.jpg, ...], ...]}``,
+    images and videos each in index order, a video's frames in time order."""
+    single = [e for e in IMAGE_EXTS if e in sample]
+    images = sorted((int(m.group(1)), k) for k in sample if (m := _MULTI_IMAGE.fullmatch(k)))
+    frames: dict[int, list[tuple[int, str]]] = {}
+    for k in sample:
+        if m := _VIDEO_FRAME.fullmatch(k):
+            frames.setdefault(int(m.group(1)), []).append((int(m.group(2)), k))
+    return {"image": [[e] for e in single[:1]] + [[k] for _, k in images],
+            "video": [[k for _, k in sorted(frames[v])] for v in sorted(frames)]}
 
 
 class SampleDecoder:
@@ -77,7 +101,7 @@ class SampleDecoder:
         if self.stats is not None:
             self.stats.seen()
         key = sample.get("__key__", "?")
-        image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        members = visual_members(sample)
         if "json" in sample:
             try:
                 record = json.loads(sample["json"])
@@ -92,28 +116,30 @@ class SampleDecoder:
                 caption = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
             except UnicodeDecodeError as e:
                 raise SampleError("json", f"{key}: txt member is not UTF-8 ({e})") from None
-            conversations = [{"from": "human", "value": IMAGE_PLACEHOLDER if image_ext else ""},
+            conversations = [{"from": "human", "value": IMAGE_PLACEHOLDER if members["image"] else ""},
                              {"from": "gpt", "value": caption.strip()}]
         else:
             raise SampleError("no_text", f"{key}: no json or txt member (has {sorted(k for k in sample if not k.startswith('__'))})")
-        if record.get("image") and image_ext is None:
+        if (record.get("image") and not members["image"]) or (record.get("video") and not members["video"]):
+            what = "image" if record.get("image") and not members["image"] else "video"
             raise SampleError("missing_image",
-                              f"{key}: record names image {record['image']!r} but the sample has no image member")
-        if image_ext is None and isinstance(conversations, list) and any(
-                isinstance(t, dict) and IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations):
+                              f"{key}: record names {what} {record[what]!r} but the sample has no {what} member")
+        kinds = placeholder_kinds(conversations) if isinstance(conversations, list) else []
+        n_members = len(members["image"]) + len(members["video"])
+        if not n_members and kinds:
             raise SampleError("image_token_without_image", f"{key}: {IMAGE_PLACEHOLDER} in the text but no image")
-        pixel_values = None
-        if image_ext is not None:
-            try:
-                with Image.open(io.BytesIO(sample[image_ext])) as img:
-                    img.load()
-                    pixel_values = self.processor(img)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                raise SampleError("image", f"{key}.{image_ext}: cannot decode the image ({e!r})") from None
-        has_image = pixel_values is not None
+        if not kinds and n_members == 1:  # LLaVA's rule: the one item goes first (templates prepends it)
+            kinds = ["image" if members["image"] else "video"]
+        if kinds.count("image") != len(members["image"]) or kinds.count("video") != len(members["video"]):
+            raise SampleError("record", f"{key}: the text has {kinds.count('image')} <image> and "
+                              f"{kinds.count('video')} <video>, the sample {len(members['image'])} image and "
+                              f"{len(members['video'])} video member(s)")
+        queues = {kind: list(members[kind]) for kind in ("image", "video")}
+        visual = [(ITEM_IMAGE if kind == "image" else ITEM_VIDEO, self._frames(key, sample, queues[kind].pop(0)))
+                  for kind in kinds]
         try:
-            enc = encode_conversation(self.tokenizer, conversations, self.template, None, has_image=has_image,
-                                      system=self.system_prompt)
+            enc = encode_conversation(self.tokenizer, conversations, self.template, None,
+                                      system=self.system_prompt, visual_items=len(visual))
         except ValueError as e:
             raise SampleError("record", f"{key}: {e}") from None
         if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
@@ -121,7 +147,7 @@ class SampleDecoder:
                 raise SampleError("overlong", f"{key}: {len(enc['input_ids'])} tokens > max_length={self.max_length}")
             try:
                 enc = encode_conversation(self.tokenizer, conversations, self.template, self.max_length,
-                                          has_image=has_image, system=self.system_prompt)
+                                          system=self.system_prompt, visual_items=len(visual))
             except ValueError as e:
                 raise SampleError("overlong", f"{key}: cannot truncate: {e}") from None
             if self.stats is not None:
@@ -137,5 +163,17 @@ class SampleDecoder:
             "gen_input_ids": enc["gen_input_ids"],
             "answer": enc["answer"],
             "question_type": str(record.get("question_type") or ""),
-            "pixel_values": pixel_values,
+            "visual": visual,
         }
+
+    def _frames(self, key: str, sample: dict, names: list[str]) -> torch.Tensor:
+        """One item's members (an image: one; a video: its frames in time order) -> [t, 3, H, W]."""
+        frames = []
+        for name in names:
+            try:
+                with Image.open(io.BytesIO(sample[name])) as img:
+                    img.load()
+                    frames.append(self.processor(img))
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                raise SampleError("image", f"{key}.{name}: cannot decode the image ({e!r})") from None
+        return torch.stack(frames)

@@ -59,7 +59,9 @@ def read_json_any(path: PathLike):
     return out
 
 
-def _write_jsonl(path: PathLike, records: Iterable[Mapping], append: bool = False) -> Path:
+def write_jsonl(path: PathLike, records: Iterable[Mapping], append: bool = False) -> Path:
+    """``json.dumps(record)`` per line (LLaVA's and Video-LLaVA's answer files); without ``append``
+    the file is replaced in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r) + "\n" for r in records)
@@ -114,7 +116,7 @@ def read_questions(path: PathLike) -> list[dict]:
 
 def write_questions(path: PathLike, questions: Iterable[Mapping]) -> Path:
     """Write a LLaVA question file (JSONL)."""
-    return _write_jsonl(path, questions)
+    return write_jsonl(path, questions)
 
 
 def image_path(question: Mapping, image_folder: PathLike) -> Path | None:
@@ -162,7 +164,7 @@ def write_answers(path: PathLike, answers: Iterable[Mapping], model_id: str | No
         meta = {**dict(a.get("metadata") or {}), **{k: v for k, v in a.items() if k not in std}}
         out.append(make_answer(a["question_id"], a.get("prompt", ""), a["text"], a.get("model_id", model_id),
                                meta, a.get("answer_id")))
-    return _write_jsonl(path, out, append=append)
+    return write_jsonl(path, out, append=append)
 
 
 def read_answers(src) -> list[dict]:

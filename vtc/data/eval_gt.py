@@ -28,6 +28,19 @@ scienceqa   official ``problems.json`` ``{pid: {"choices", "answer": index, "ima
 exact       JSONL/JSON list ``{question_id, answer}`` or JSON ``{qid: answer}``; or none, when the
             answers records carry ``"answer"`` themselves (``LMMModule``'s predictions.jsonl)
 =========== =================================================================================
+
+Video benchmarks (:data:`VIDEO_BENCHMARKS`; formats in :mod:`vtc.data.video_qa`). Scored by
+:func:`vtc.data.eval_score.score_benchmark` too; kept out of :data:`BENCHMARKS` (the image ones)
+because ``eval.py benchmark=...`` runs them with another question loop (:mod:`vtc.eval.video_bench`:
+videos, not images); ``eval.py`` accepts ``BENCHMARKS + VIDEO_BENCHMARKS``.
+
+============== ==============================================================================
+msvd_qa,       Video-LLaVA's ``GPT_Zero_Shot_QA/<dataset>`` folder (``test_q.json`` +
+msrvtt_qa,     ``test_a.json``), or ``test_a.json`` (with the question file when its answers carry
+activitynet_qa no ``question_id``); or none, when the answers carry ``"answer"`` (Video-LLaVA's
+               answers file does)
+mvbench        MVBench's ``json/`` folder (one ``<task>.json`` per task) or one task's file
+============== ==============================================================================
 """
 from __future__ import annotations
 
@@ -36,11 +49,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vtc.data.eval_files import question_key, read_json_any, read_questions, read_records
+from vtc.data.video_qa import read_mvbench_gt, read_video_qa_gt
 from vtc.metrics.mme import MME_CATEGORIES, canonical_category
 from vtc.metrics.pope import pope_label
 
 __all__ = [
     "BENCHMARKS",
+    "VIDEO_BENCHMARKS",
     "mme_key",
     "read_exact_gt",
     "read_gqa_gt",
@@ -53,6 +68,7 @@ __all__ = [
 ]
 
 BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme", "scienceqa", "exact")
+VIDEO_BENCHMARKS = ("msvd_qa", "msrvtt_qa", "activitynet_qa", "mvbench")
 
 
 def _gt_records(gt) -> list[dict]:
@@ -235,11 +251,15 @@ _READERS = {
     "mme": read_mme_gt,
     "scienceqa": read_scienceqa_gt,
     "exact": read_exact_gt,
+    "msvd_qa": lambda path, questions=None: read_video_qa_gt(path, questions, "msvd_qa"),
+    "msrvtt_qa": lambda path, questions=None: read_video_qa_gt(path, questions, "msrvtt_qa"),
+    "activitynet_qa": lambda path, questions=None: read_video_qa_gt(path, questions, "activitynet_qa"),
+    "mvbench": read_mvbench_gt,
 }
 
 
 def read_gt(name: str, path, **kwargs):
-    """The reader of benchmark ``name`` (``BENCHMARKS``) applied to ``path``."""
+    """The reader of benchmark ``name`` (``BENCHMARKS`` or ``VIDEO_BENCHMARKS``) applied to ``path``."""
     if name not in _READERS:
-        raise ValueError(f"unknown benchmark {name!r}; one of {BENCHMARKS}")
+        raise ValueError(f"unknown benchmark {name!r}; one of {BENCHMARKS + VIDEO_BENCHMARKS}")
     return _READERS[name](path, **kwargs)

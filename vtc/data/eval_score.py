@@ -6,7 +6,9 @@ decides the reported numbers.
 
 :func:`score_benchmark` matches answers to ground truths and feeds the metrics of
 :mod:`vtc.metrics`; answers without a ground truth and repeated answers are errors (a mismatch of
-files), ground truths without an answer are counted in ``n_missing`` and not scored.
+files), ground truths without an answer are counted in ``n_missing`` and not scored. The video
+benchmarks (``VIDEO_BENCHMARKS``: Video-LLaVA's open-ended QA, MVBench) are scored here too,
+offline (:func:`_score_video`).
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import re
 from collections.abc import Mapping
 
 from vtc.data.eval_files import question_key, read_answers, read_questions
-from vtc.data.eval_gt import BENCHMARKS, mme_key, read_gt, read_pope_gt, read_scienceqa_gt
+from vtc.data.eval_gt import BENCHMARKS, VIDEO_BENCHMARKS, mme_key, read_gt, read_pope_gt, read_scienceqa_gt
+from vtc.data.video_qa import ACTIVITYNET_QA_TYPES, read_video_qa_answers
 from vtc.metrics.exact_match import ExactMatchAccuracy, TextVQAAccuracy
 from vtc.metrics.mme import MMEScore
+from vtc.metrics.mvbench import MVBenchAccuracy, mvbench_prediction, option_letter
 from vtc.metrics.pope import POPEMetrics
 from vtc.metrics.scienceqa import ScienceQAAccuracy
 from vtc.metrics.vqav2 import VQAv2Accuracy
@@ -63,12 +67,14 @@ def _textvqa_question(prompt: str) -> str | None:
 
 
 def _accuracy_by_type(metric_cls, pairs, pred_target, type_of, **metric_kwargs) -> dict[str, float]:
-    """``acc`` over all pairs and ``acc_<type>`` per type (one batched update per group)."""
+    """``acc`` over all pairs and ``acc_<type>`` per type (one batched update per group);
+    ``type_of`` gives a type, None, or a tuple of types (a pair counts in each)."""
     groups: dict[str | None, tuple[list, list]] = {None: ([], [])}
     for a, g in pairs:
         p, t = pred_target(a, g)
         typ = type_of(a, g)
-        for key in (None, typ) if typ else (None,):
+        types = tuple(typ) if isinstance(typ, (tuple, list)) else ((typ,) if typ else ())
+        for key in (None, *types):
             preds, targets = groups.setdefault(key, ([], []))
             preds.append(p)
             targets.append(t)
@@ -81,8 +87,68 @@ def _accuracy_by_type(metric_cls, pairs, pred_target, type_of, **metric_kwargs) 
     return {"acc": out.pop("acc"), **dict(sorted(out.items()))}
 
 
+def _activitynet_types(g: Mapping) -> tuple[str, ...]:
+    """ActivityNet-QA's type name, and "free" for types 3-8 (the paper's Free column)."""
+    t = g.get("answer_type")
+    if t is None:
+        return ()
+    name = ACTIVITYNET_QA_TYPES.get(int(t), f"type_{t}")
+    return (name, "free") if int(t) >= 3 else (name,)
+
+
+def _score_video(name: str, answers, gt, questions, options: Mapping) -> dict[str, float]:
+    """Video benchmarks, offline (no judge model).
+
+    Open-ended (msvd_qa, msrvtt_qa, activitynet_qa): normalised exact match of the prediction and
+    the reference answer (:class:`~vtc.metrics.exact_match.ExactMatchAccuracy`, the VQA
+    normalisation by default: lower-case, punctuation and articles removed, number words as
+    digits), ``acc`` and for ActivityNet-QA ``acc_<type>`` (motion, spatial_relationship,
+    temporal_relationship, yes_no, color, object, location, number, other, free). NOT the papers'
+    number: Video-LLaVA (and Video-ChatGPT before it) report GPT-3.5's yes/no verdict ("accuracy")
+    and 0-5 score from ``eval_video_qa.py``, which accepts synonyms and paraphrases; run that judge
+    on :func:`vtc.data.video_qa.write_video_qa_answers`'s file for comparable numbers.
+
+    mvbench: ``acc`` (pooled, MVBench's "Avg") and ``acc_<task>``, by MVBench's ``check_ans``
+    (option ``rule="letter"``: by the option letter) on ``return_prompt + first line`` of each
+    answer (option ``return_prompt``: ``"("`` when the answer turn was pre-filled with
+    ``"Best option:("``); ``n_no_letter``: answers without an option letter (see
+    :mod:`vtc.metrics.mvbench`: MVBench counts an empty answer as right).
+    """
+    answers = read_video_qa_answers(answers)
+    missing = None
+    if name == "mvbench":
+        if gt is None:
+            raise ValueError("mvbench: ground truth needed (MVBench's json folder)")
+        if not isinstance(gt, Mapping):
+            gt = read_gt(name, gt)
+        ret = str(options.get("return_prompt", ""))
+        pairs, missing = _match(answers, gt)
+        out = _accuracy_by_type(MVBenchAccuracy, pairs, lambda a, g: (mvbench_prediction(a["text"], ret), g["gt"]),
+                                lambda a, g: g.get("task"), rule=options.get("rule", "mvbench"))
+        out["n_no_letter"] = float(sum(option_letter(mvbench_prediction(a["text"], ret)) is None for a, _ in pairs))
+    else:
+        if gt is None:
+            if any("answer" not in a for a in answers):
+                raise ValueError(f"{name}: no ground truth given and some answers carry no 'answer'")
+            gt = {question_key(a["question_id"]): {"answer": a["answer"], **({"answer_type": a["answer_type"]}
+                                                                            if "answer_type" in a else {})}
+                  for a in answers}
+            pairs, _ = _match(answers, gt)
+        else:
+            if not isinstance(gt, Mapping):
+                gt = read_gt(name, gt, questions=questions)
+            pairs, missing = _match(answers, gt)
+        type_of = (lambda a, g: _activitynet_types(g)) if name == "activitynet_qa" else (lambda a, g: None)
+        out = _accuracy_by_type(ExactMatchAccuracy, pairs, lambda a, g: (a["text"], g["answer"]), type_of,
+                                normalizer=options.get("normalizer", "vqa"))
+    out["n"] = float(len(pairs))
+    if missing is not None:
+        out["n_missing"] = float(missing)
+    return out
+
+
 def score_benchmark(name: str, answers, gt=None, *, questions=None, **options) -> dict[str, float]:
-    """Score LLaVA-format answers on benchmark ``name`` (one of ``BENCHMARKS``).
+    """Score LLaVA-format answers on benchmark ``name`` (one of ``BENCHMARKS`` or ``VIDEO_BENCHMARKS``).
 
     ``answers``: an answers file path, a list of paths, or records ``{question_id, text,
     prompt?}``. ``gt``: a ground-truth path (read with that benchmark's reader) or what the reader
@@ -100,10 +166,15 @@ def score_benchmark(name: str, answers, gt=None, *, questions=None, **options) -
       names at top level: the mean over categories (or the pooled values without categories);
     * mme: :class:`~vtc.metrics.mme.MMEScore`'s keys (points, not fractions);
     * scienceqa: ``acc``, ``img_acc``;
-    * exact: ``acc`` and ``acc_<question_type>`` when the answers carry ``question_type``.
+    * exact: ``acc`` and ``acc_<question_type>`` when the answers carry ``question_type``;
+    * msvd_qa, msrvtt_qa, activitynet_qa, mvbench: :func:`_score_video` (answers may also be
+      Video-LLaVA's ``{id, question, answer, pred}`` records; options ``normalizer``, and
+      ``rule`` and ``return_prompt`` for mvbench).
     """
+    if name in VIDEO_BENCHMARKS:
+        return _score_video(name, answers, gt, questions, options)
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; one of {BENCHMARKS}")
+        raise ValueError(f"unknown benchmark {name!r}; one of {BENCHMARKS + VIDEO_BENCHMARKS}")
     answers = read_answers(answers)
     if isinstance(gt, (str, os.PathLike)):
         if name == "pope":

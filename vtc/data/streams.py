@@ -39,6 +39,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from vtc.data.collate import sample_items
 from vtc.data.decode import keep_member
 from vtc.data.skips import DataStats
 from vtc.errors import ConfigError
@@ -117,7 +118,7 @@ class SeededShuffle(wds.PipelineStage):
 class GroupByModalityLength(wds.PipelineStage):
     """Batches of one modality and neighbouring lengths (see the module docstring for the rule).
 
-    Input: decoded samples (``pixel_values`` None or not, ``input_ids``); output: ``collate_fn``
+    Input: decoded samples (with visual items or text-only, ``input_ids``); output: ``collate_fn``
     applied to each batch (a list of samples when ``collate_fn`` is None).
     """
 
@@ -143,7 +144,7 @@ class GroupByModalityLength(wds.PipelineStage):
         pools: dict[bool, list] = {True: [], False: []}
         collate_fn = self.collate_fn or (lambda b: b)
         for sample in src:
-            modality = sample["pixel_values"] is not None
+            modality = bool(sample_items(sample))
             pools[modality].append(sample)
             if len(pools[modality]) == self.window:
                 full, pools[modality] = pools[modality], []

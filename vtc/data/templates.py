@@ -1,8 +1,9 @@
 """Conversation templates: LLaVA ``conversations`` -> token ids, labels, generation prompt.
 
 Input: ``[{"from": "human", "value": str}, {"from": "gpt", "value": str}, ...]``, starting with
-the human, alternating, ending with the assistant (several rounds allowed). ``<image>`` may
-appear once, anywhere in the first human turn.
+the human, alternating, ending with the assistant (several rounds allowed). The visual
+placeholders (``<image>``, ``<video>``: one per visual item, docs/video.md) appear in the first
+human turn.
 
 Templates (``template=``):
 
@@ -30,10 +31,12 @@ tokenising the whole string at once -- the same thing LLaVA's ``tokenizer_image_
 around ``<image>``. The space between ``ASSISTANT:`` and the answer is left to the tokenizer
 (SentencePiece's prefix space; a word-level tokenizer ignores whitespace).
 
-Image handling: with ``has_image=True`` and no ``<image>`` in the text, ``<image>\\n`` is put at
-the start of the first human turn (what LLaVA's data loading effectively requires). ``<image>``
-in the text with ``has_image=False``, more than one ``<image>``, or ``<image>`` outside the first
-human turn raise ``ValueError``.
+Visual items: ``visual_items`` (default: 1 with ``has_image``, else 0) is how many the sample
+has. ``<video>`` becomes the same placeholder id as ``<image>`` (the sample's item list says which
+is which). With one item and no placeholder in the text, ``<image>\\n`` is put at the start of the
+first human turn (what LLaVA's data loading effectively requires). A placeholder in a sample with
+no item, a count of placeholders other than the item count (one item: at most one), or a
+placeholder outside the first human turn raise ``ValueError``.
 
 Truncation (``max_length`` counts text tokens; the placeholder counts 1 -- the visual tokens
 are added by the model later): ``input_ids``/``labels`` are cut on the right, which drops later
@@ -47,10 +50,11 @@ that ends with ``ASSISTANT:``; the middle (older rounds) is dropped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from vtc.data.batch import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vtc.data.batch import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -90,18 +94,29 @@ def _check_conversation(conversations: Any) -> list[tuple[str, str]]:
     return turns
 
 
-def _place_image(turns: list[tuple[str, str]], has_image: bool) -> list[tuple[str, str]]:
+PLACEHOLDER_RE = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+
+
+def placeholder_kinds(conversations: Sequence[dict]) -> list[str]:
+    """The placeholders of a record in text order, as ``"image"`` / ``"video"``: the order the
+    sample's visual items must come in."""
+    text = "".join(str(t.get("value", "")) for t in conversations if isinstance(t, dict))
+    return ["video" if m.group(0) == VIDEO_PLACEHOLDER else "image" for m in PLACEHOLDER_RE.finditer(text)]
+
+
+def _place_visuals(turns: list[tuple[str, str]], items: int) -> list[tuple[str, str]]:
+    turns = [(role, PLACEHOLDER_RE.sub(IMAGE_PLACEHOLDER, value)) for role, value in turns]
     counts = [v.count(IMAGE_PLACEHOLDER) for _, v in turns]
     total = sum(counts)
-    if not has_image:
+    if items == 0:
         if total:
             raise ValueError(f"{IMAGE_PLACEHOLDER} appears in the conversation but the sample has no image")
         return turns
-    if total > 1 or (total == 1 and counts[0] != 1):
-        where = [i for i, c in enumerate(counts) if c]
-        raise ValueError(
-            f"expected at most one {IMAGE_PLACEHOLDER}, in the first human turn; found {total} in turns {where}"
-        )
+    where = [i for i, c in enumerate(counts) if c]
+    if total != counts[0] or total > items or (items > 1 and total != items):
+        want = "at most one" if items == 1 else f"{items}"
+        raise ValueError(f"expected {want} {IMAGE_PLACEHOLDER}/{VIDEO_PLACEHOLDER} for {items} visual item(s), "
+                         f"in the first human turn; found {total} in turns {where}")
     if total == 0:
         turns = [(turns[0][0], f"{IMAGE_PLACEHOLDER}\n" + turns[0][1])] + turns[1:]
     return turns
@@ -155,6 +170,7 @@ def encode_conversation(
     max_length: int | None = None,
     has_image: bool = True,
     system: str | None = None,
+    visual_items: int | None = None,
 ) -> dict:
     """Encode one LLaVA conversation (see module docstring).
 
@@ -168,7 +184,9 @@ def encode_conversation(
         raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
     if max_length is not None and int(max_length) <= 0:
         raise ValueError(f"max_length must be positive or None, got {max_length}")
-    turns = _place_image(_check_conversation(conversations), has_image)
+    items = (1 if has_image else 0) if visual_items is None else int(visual_items)
+    has_image = items > 0
+    turns = _place_visuals(_check_conversation(conversations), items)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) if has_image else None
     if has_image and (image_id is None or image_id == tokenizer.unk_token_id):
         raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token; load it with vtc.data.tokenizer.load_tokenizer")
@@ -177,7 +195,7 @@ def encode_conversation(
     b.token(tokenizer.bos_token_id, False)
 
     if template == "plain":
-        if has_image:
+        for _ in range(items):
             b.token(image_id, False)
         gen_ids = list(b.ids)
         answer = turns[1][1]
@@ -205,7 +223,7 @@ def encode_conversation(
     ids, labels = b.ids, b.labels
     head = 1 if tokenizer.bos_token_id is not None else 0
     if has_image:
-        pos = ids.index(image_id)
+        pos = len(ids) - 1 - ids[::-1].index(image_id)  # the last placeholder: every item must fit
         head = pos + 1
         if max_length is not None and pos >= max_length:
             raise ValueError(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from vtc.data.batch import IMAGE_PLACEHOLDER
+from vtc.data.batch import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vtc.data.templates import TEMPLATE_TEXTS
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_PLACEHOLDER)
@@ -46,7 +46,7 @@ def build_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, model
     pre = _pre_tokenizer()
     words: set[str] = set()
     for text in list(texts) + list(TEMPLATE_TEXTS):
-        for special in SPECIAL_TOKENS:
+        for special in (*SPECIAL_TOKENS, VIDEO_PLACEHOLDER):  # <video> is tokenised as <image>
             text = text.replace(special, " ")
         words.update(piece for piece, _ in pre.pre_tokenize_str(text))
     words.difference_update(SPECIAL_TOKENS)

@@ -1,4 +1,5 @@
-"""Benchmarks in LLaVA's evaluation formats for ``eval.py`` (``benchmark=gqa|vqav2|textvqa|pope|mme|scienceqa``).
+"""Benchmarks in LLaVA's evaluation formats for ``eval.py`` (``benchmark=gqa|vqav2|textvqa|pope|mme|scienceqa``;
+the video ones, ``msvd_qa|msrvtt_qa|activitynet_qa|mvbench``, run through :mod:`vtc.eval.video_bench`).
 
 What LLaVA-1.5 does (``llava/eval/model_vqa_loader.py``, ``model_vqa_science.py``), and so this:
 
@@ -40,12 +41,13 @@ from PIL import Image
 
 from vtc.cost.meter import CostMeter
 from vtc.data.batch import IGNORE_INDEX
-from vtc.data.collate import collate
+from vtc.data.collate import collate, visual_items
 from vtc.data.eval_files import image_path, read_questions, write_answers
-from vtc.data.eval_gt import BENCHMARKS
+from vtc.data.eval_gt import BENCHMARKS, VIDEO_BENCHMARKS
 from vtc.data.eval_score import score_benchmark
 from vtc.data.templates import encode_conversation
 from vtc.errors import ConfigError
+from vtc.eval.video_bench import check_video_spec, evaluate_video_benchmark
 from vtc.runs.tracking import mlflow_logger
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,17 @@ def benchmark_spec(cfg: DictConfig) -> dict | None:
     name = benchmark_name(cfg)
     if name == SYNTHETIC:
         return None
-    if name not in BENCHMARKS:
-        raise ConfigError("benchmark.name", f"{name!r} is not scored by vtc.data.eval_score; one of {BENCHMARKS}")
+    if name not in BENCHMARKS + VIDEO_BENCHMARKS:
+        raise ConfigError("benchmark.name", f"{name!r} is not scored by vtc.data.eval_score; one of "
+                          f"{BENCHMARKS + VIDEO_BENCHMARKS}")
     spec = OmegaConf.to_container(cfg.benchmark, resolve=True)
     questions = spec.get("questions")
-    if not questions or not os.path.isfile(questions):
+    if name in VIDEO_BENCHMARKS:
+        check_video_spec(spec)  # question file / json folder, videos folder, frames
+    elif not questions or not os.path.isfile(questions):
         raise ConfigError("benchmark.questions", f"{questions!r} is not a file: give LLaVA's question file "
                           f"(or benchmark.root=<LLaVA's playground/data/eval>)")
-    if not spec.get("images") or not os.path.isdir(spec["images"]):
+    elif not spec.get("images") or not os.path.isdir(spec["images"]):
         raise ConfigError("benchmark.images", f"{spec.get('images')!r} is not a folder of images")
     gt = spec.get("gt")
     if gt is not None and not os.path.exists(gt):
@@ -160,7 +165,7 @@ def generate_answers(module, loader, device, ctx) -> list[tuple[int, str, str]]:
                 batch["gen_input_ids"].to(device),
                 batch["gen_attention_mask"].to(device),
                 batch["pixel_values"].to(device, dtype),
-                batch["image_index"].to(device),
+                visual_items(batch),
                 max_new_tokens=module.max_new_tokens,
             )
         out += list(zip(batch["index"], batch["prompts"], module.decode(tokens)))
@@ -171,8 +176,11 @@ def evaluate_benchmark(spec: dict, cfg: DictConfig, module, datamodule, model_id
     """Run benchmark ``spec`` (from :func:`benchmark_spec`): answers file + ``<name>/<metric>``."""
     from functools import partial
 
-
     name = spec["name"]
+    if name in VIDEO_BENCHMARKS:
+        module.eval()
+        device, ctx = placement(cfg.trainer, module)
+        return evaluate_video_benchmark(spec, cfg, module, datamodule, model_id, device, ctx)
     questions = read_questions(spec["questions"])
     if spec.get("limit"):
         questions = questions[: int(spec["limit"])]
@@ -264,7 +272,9 @@ def log_benchmark_params(cfg: DictConfig, loggers, spec: dict | None = None) -> 
     if spec is not None:
         params["benchmark.prompt_suffix"] = str(spec.get("prompt_suffix"))
         params["benchmark.limit"] = str(spec.get("limit"))
-        for k in ("questions", "images", "gt"):
+        if spec["name"] in VIDEO_BENCHMARKS:
+            params["benchmark.frames"] = str(spec.get("frames"))
+        for k in ("questions", "images", "gt") + (("videos",) if spec["name"] in VIDEO_BENCHMARKS else ()):
             client.set_tag(run_id, f"vtc.benchmark.{k}", str(spec.get(k)))
     already = client.get_run(run_id).data.params
     for k, v in params.items():
@@ -285,7 +295,9 @@ def run_benchmark(spec: dict, cfg: DictConfig, module, datamodule, loggers, mete
     log_benchmark_params(cfg, loggers, spec)
     logger = mlflow_logger(loggers)
     if logger is not None:
-        logger.experiment.log_artifact(logger.run_id, path, artifact_path="answers")
+        for p in (path, spec.get("judge_file")):  # judge_file: Video-LLaVA's judge input (open-ended video QA)
+            if p and os.path.isfile(p):
+                logger.experiment.log_artifact(logger.run_id, p, artifact_path="answers")
         logger.finalize("success")
     log.info("%s metrics: %s", name, {k: round(v, 4) for k, v in sorted(metrics.items())})
     return primary_metric(name, metrics)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vtc.config import compose_conf
-from vtc.data.eval_gt import BENCHMARKS
+from vtc.data.eval_gt import BENCHMARKS, VIDEO_BENCHMARKS
 from vtc.data.image import ImageProcessor
 from vtc.errors import ConfigError
 from vtc.interop.init_from import resolve_init_from
@@ -96,7 +96,8 @@ def check_zero_shot(run_cfg: DictConfig, bench: dict | None, encoder_info) -> No
         raise ConfigError(
             "benchmark",
             f"model.init_from={run_cfg.model.init_from}: the synthetic benchmark is the test split of a vtc-trained "
-            f"checkpoint's data, which a released model does not have; choose benchmark={'|'.join(BENCHMARKS)} "
+            f"checkpoint's data, which a released model does not have; choose benchmark="
+            f"{'|'.join(BENCHMARKS + VIDEO_BENCHMARKS)} "
             "(with benchmark.root=<LLaVA's playground/data/eval>), or give LLaVA-format test shards with "
             "+override.data.test_shards=<shards>")
     fresh = fresh_compressor_params(run_cfg, encoder_info)

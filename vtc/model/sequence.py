@@ -83,7 +83,10 @@ class SeqState:
             idx = vis.nonzero().squeeze(1)
             start, stop = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (n, n)
             if len(idx) and stop - start != len(idx):
-                raise RuntimeError("replace_visual needs one contiguous visual span per sample")
+                raise RuntimeError(
+                    f"sample {b} has several visual spans (images with text between them); an in-LLM compressor "
+                    "(vcc, fastv, dart) compresses one span per sample: one image, one video, or items written "
+                    "side by side. Use a pre-LLM compressor (pool, stf, ...) for such samples")
             v = visual[b].to(self.hidden.dtype)
             hs.append(torch.cat([self.hidden[b, :start], v, self.hidden[b, stop:n]]))
             ps.append(torch.cat([self.position_ids[b, :start], positions[b].to(self.position_ids), self.position_ids[b, stop:n]]))

@@ -6,9 +6,10 @@ nonzero, and they must form one contiguous run (a mask with holes raises ``Value
 that run is read, so the padding layout never changes the result; the output is always
 right-padded, whatever the input's layout.
 
-Every sample has its own span: sample b's placeholder at text index p_b (counted from its first
-real token) is replaced by its V_b visual tokens, text after it shifts right by V_b - 1, and the
-result is right-padded. Samples without an image pass through unchanged. Position ids are
+Every visual item has its own span: a sample's k-th placeholder (text index p, counted from its
+first real token) is replaced by the tokens of its k-th item (V tokens; a video's frames in time
+order, nothing between them), text after it shifts right by V - 1, and the result is
+right-padded. Samples without an item pass through unchanged. Position ids are
 0..len-1 of the spliced sequence (the LLaVA convention); visual tokens never carry a loss.
 """
 from __future__ import annotations
@@ -62,45 +63,51 @@ def splice(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor | None,
-    image_index: torch.Tensor,
-    visual: torch.Tensor,
+    item_samples: list[int],
+    item_tokens: list[torch.Tensor],
     image_token_id: int,
 ) -> SeqState:
     """Build the LLM input sequence.
 
-    text_embeds [B, T, d] (the placeholder's own embedding is discarded), input_ids/attention_mask/
-    labels [B, T], image_index [B] (row of ``visual`` or -1), visual [N, V, d]. Any padding
-    layout with one contiguous run of real tokens per row (see the module docstring).
+    text_embeds [B, T, d] (the placeholders' own embeddings are discarded), input_ids/
+    attention_mask/labels [B, T]; per visual item in batch order, its sample (``item_samples``)
+    and its tokens [L_m, d] (``item_tokens``: a video's frames already concatenated in time
+    order). A sample's k-th placeholder takes its k-th item. Any padding layout with one
+    contiguous run of real tokens per row (see the module docstring).
     """
     B = input_ids.shape[0]
     starts, lengths = real_spans(attention_mask)
-    images = image_index.tolist()
+    per_sample: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    for b, tokens in zip(item_samples, item_tokens):
+        per_sample[b].append(tokens)
     hs, masks, vis, labs = [], [], [], []
     for b in range(B):
         s, n = starts[b], lengths[b]
         ids = input_ids[b, s : s + n]
         emb = text_embeds[b, s : s + n]
         lab = labels[b, s : s + n] if labels is not None else None
-        slots = (ids == image_token_id).nonzero().squeeze(1)
-        img = images[b]
-        if img < 0:
-            if len(slots):
-                raise ValueError(f"sample {b} has an <image> placeholder but no image")
-            hs.append(emb)
-            vis.append(torch.zeros(n, dtype=torch.bool, device=ids.device))
-            labs.append(lab)
-        else:
-            if len(slots) != 1:
-                raise ValueError(f"sample {b} has an image and {len(slots)} <image> placeholders; expected 1")
-            p = int(slots[0])
-            v = visual[img].to(emb.dtype)
-            hs.append(torch.cat([emb[:p], v, emb[p + 1 :]]))
-            flags = torch.zeros(n - 1 + len(v), dtype=torch.bool, device=ids.device)
-            flags[p : p + len(v)] = True
-            vis.append(flags)
+        slots = (ids == image_token_id).nonzero().squeeze(1).tolist()
+        items = per_sample[b]
+        if len(slots) != len(items):
+            what = "no image" if not items else f"{len(items)} visual item(s)"
+            raise ValueError(f"sample {b} has {len(slots)} <image> placeholders and {what}; "
+                             "expected one per visual item")
+        pieces, flags, lab_pieces, prev = [], [], [], 0
+        for p, v in zip(slots, items):
+            v = v.to(emb.dtype)
+            pieces += [emb[prev:p], v]
+            flags += [torch.zeros(p - prev, dtype=torch.bool, device=ids.device),
+                      torch.ones(len(v), dtype=torch.bool, device=ids.device)]
             if lab is not None:
-                fill = torch.full((len(v),), IGNORE_INDEX, dtype=lab.dtype, device=lab.device)
-                labs.append(torch.cat([lab[:p], fill, lab[p + 1 :]]))
+                lab_pieces += [lab[prev:p], torch.full((len(v),), IGNORE_INDEX, dtype=lab.dtype, device=lab.device)]
+            prev = p + 1
+        pieces.append(emb[prev:])
+        flags.append(torch.zeros(n - prev, dtype=torch.bool, device=ids.device))
+        hs.append(torch.cat(pieces) if items else emb)
+        vis.append(torch.cat(flags))
+        if lab is not None:
+            lab_pieces.append(lab[prev:])
+            labs.append(torch.cat(lab_pieces) if items else lab)
         masks.append(torch.ones(len(hs[-1]), dtype=torch.long, device=ids.device))
     mask = pad_stack(masks, 0)
     T = mask.shape[1]

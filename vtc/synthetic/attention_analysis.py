@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from vtc.assembly.build import build_datamodule
 from vtc.assembly.checkpoint import load_trained
+from vtc.data.collate import visual_items
 from vtc.synthetic.encoder_pretrain import patch_cells
 from vtc.synthetic.error_analysis import _CELL, load_boards
 
@@ -96,7 +97,7 @@ def analyse(lmm, tokenizer, batches, boards: dict[str, dict], grid: int, max_sam
         for batch in batches:
             rec.maps.clear()
             state = lmm.build_sequence(batch["gen_input_ids"], batch["gen_attention_mask"], None,
-                                       batch["pixel_values"], batch["image_index"])
+                                       batch["pixel_values"], visual_items(batch))
             lmm.llm.run_layers(state, None)
             maps = [m.numpy() for m in rec.maps]
             for b, sid in enumerate(batch["ids"]):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vtc.cost.accounting import batch_flops, model_shape
+from vtc.data.collate import visual_items
 from vtc.distributed.fsdp2 import configure_fsdp2
 from vtc.lmm import LMM
 from vtc.metrics.exact_match import ExactMatchAccuracy
@@ -124,7 +125,7 @@ class LMMModule(L.LightningModule):
         # Every forward the step ran (M3: one per scale) is counted, at the chain's token counts.
         step_flops = sum(batch_flops(self.shape, o.lengths, o.visual_in, o.seen, o.targets_per_sample,
                                      trainable=self.train_parts, extra_per_image=pipeline.own_flops(n),
-                                     vision_tokens_per_layer=pipeline.encoder_tokens(n))
+                                     vision_tokens_per_layer=pipeline.encoder_tokens(n), frames_per_sample=o.frames)
                          for o in out.all_passes())
         self.flops_cum += step_flops * self.trainer.world_size
         self.log("train/tflops_step", step_flops / 1e12, batch_size=bs)
@@ -181,7 +182,7 @@ class LMMModule(L.LightningModule):
             batch["gen_input_ids"],
             batch["gen_attention_mask"],
             batch["pixel_values"],
-            batch["image_index"],
+            visual_items(batch),
             max_new_tokens=self.max_new_tokens,
         )
         preds = self.decode(tokens)
