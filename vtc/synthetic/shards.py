@@ -221,16 +221,26 @@ def ensure_synthetic(out_dir, **kw) -> dict:
     Concurrent callers are safe: each generates in its own temporary folder and the loser of the
     final rename keeps the winner's copy.
     """
-    out = Path(out_dir)
+    return ensure_built(Path(out_dir), generate, kw, kind=None)
+
+
+def ensure_built(out: Path, build, params: dict, kind: str | None) -> dict:
+    """The one policy of both synthetic sets (images, videos): ``build(out, **params)`` only when
+    ``out/DONE`` is missing; an existing set must be of ``kind`` (``meta.json``'s params.kind,
+    absent for the image set) and made with ``params``, else ``ValueError``; a concurrent caller
+    that lost the final rename returns the winner's statistics."""
     if (out / "DONE").exists():
         meta = json.loads((out / "meta.json").read_text())
-        wanted = {k: v for k, v in kw.items() if k in meta["params"]}
+        if meta["params"].get("kind") != kind:
+            raise ValueError(f"{out} holds a synthetic {meta['params'].get('kind') or 'image'} set, "
+                             f"not a{' ' + kind if kind else 'n image'} one")
+        wanted = {k: v for k, v in params.items() if k in meta["params"]}
         diff = {k: (meta["params"][k], v) for k, v in wanted.items() if meta["params"][k] != v}
         if diff:
             raise ValueError(f"{out} was generated with other parameters (have, want): {diff}")
         return meta
     try:
-        return generate(out, **kw)
+        return build(out, **params)
     except OSError:
         if (out / "DONE").exists():  # another process finished first
             return json.loads((out / "meta.json").read_text())

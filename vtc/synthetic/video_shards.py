@@ -52,7 +52,7 @@ import numpy as np
 from vtc.data.batch import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vtc.data.tokenizer import build_tiny_tokenizer
 from vtc.synthetic.render import JPEG_QUALITY, render_board
-from vtc.synthetic.shards import _add_member, _replaceable, prior_stats
+from vtc.synthetic.shards import _add_member, _replaceable, ensure_built, prior_stats
 from vtc.synthetic.video_baselines import BaselineCounter
 from vtc.synthetic.video_world import (
     FPS,
@@ -280,23 +280,12 @@ def ensure_video(out_dir, **kw) -> dict:
     are byte-identical); ``vtc.synthetic.prepare`` also holds a file lock around this call.
     """
     out = Path(out_dir)
-    if (out / "DONE").exists():
-        meta = json.loads((out / "meta.json").read_text())
-        if meta["params"].get("kind") != "video":
-            raise ValueError(f"{out} holds a synthetic image set, not a video one")
-        wanted = {k: v for k, v in kw.items() if k in meta["params"]}
-        if "encoder_frames" in wanted and "n_train" in meta["params"]:
-            wanted["encoder_frames"] = min(int(wanted["encoder_frames"]), meta["params"]["n_train"])
-        diff = {k: (meta["params"][k], v) for k, v in wanted.items() if meta["params"][k] != v}
-        if diff:
-            raise ValueError(f"{out} was generated with other parameters (have, want): {diff}")
-        return meta
-    try:
-        return generate(out, **kw)
-    except OSError:
-        if (out / "DONE").exists():  # another process finished first
-            return json.loads((out / "meta.json").read_text())
-        raise
+    if (out / "DONE").exists() and "encoder_frames" in kw:
+        # the set records the frames it could give (at most one per training clip)
+        n_train = json.loads((out / "meta.json").read_text())["params"].get("n_train")
+        if n_train is not None:
+            kw = {**kw, "encoder_frames": min(int(kw["encoder_frames"]), n_train)}
+    return ensure_built(out, generate, kw, kind="video")
 
 
 def main(argv: list[str] | None = None) -> dict:
