@@ -288,3 +288,16 @@ def test_video_benchmarks_compose_and_missing_files_are_refused_naming_the_key(t
     with pytest.raises(ConfigError, match="^benchmark.videos"):
         evaluate(eval_cfg(tmp_path, f"model.init_from={dirs['hf']}", "benchmark=mvbench", f"benchmark.root={root}",
                           "logger=csv"))
+
+
+def test_frames_that_fill_the_llm_positions_are_refused_before_reading_videos():
+    from vtc.errors import ConfigError
+    from vtc.eval.video_bench import check_context
+
+    from tests.tiny import tiny_lmm
+
+    model = tiny_lmm()  # 16 visual tokens a frame, 512 positions
+    check_context(model, 8)  # 128 tokens: fine
+    with pytest.raises(ConfigError) as e:
+        check_context(model, 32)  # 512 tokens: nothing left for the text
+    assert e.value.key == "benchmark.frames" and "512" in e.value.message

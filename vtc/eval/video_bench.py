@@ -90,6 +90,18 @@ def check_video_spec(spec: dict) -> None:
                           f"scoring, so benchmark.answer_prefix must end with it (got {spec.get('answer_prefix')!r})")
 
 
+def check_context(model, frames: int) -> None:
+    """Refuse, before any video is read, a frame count whose visual tokens alone fill the LLM's
+    positions (LLaVA-1.5 at 336 px: 576 tokens a frame, so 8 frames are 4,608 of 4,096)."""
+    per_frame = model.pipeline.tokens_in_llm(model.encoder.info.num_patches)
+    limit = getattr(model.llm.config, "max_position_embeddings", None)
+    if limit and frames * per_frame >= int(limit):
+        fit = max(1, (int(limit) - 1) // max(per_frame, 1) // 2)
+        raise ConfigError("benchmark.frames", f"{frames} frames x {per_frame} visual tokens = {frames * per_frame}, "
+                          f"at least the LLM's {limit} positions before any text; use fewer frames "
+                          f"(e.g. benchmark.frames={fit}) or a compressor (compressor=pool_temporal)")
+
+
 def question_text(question: dict, prefix: str | None, suffix: str | None) -> str:
     """``prefix`` + the question + ``suffix`` on a new line (unless the question ends with it)."""
     text = str(question["text"])
@@ -214,6 +226,7 @@ def evaluate_video_benchmark(spec: dict, cfg, module, settings, model_id: str, d
     ``device`` (``ctx``: its autocast, if any); ``settings``: the prompt / image settings (the
     datamodule, or :func:`vtc.eval.init_from.prompt_settings`). Returns ``(metrics, answers path)``."""
     name = spec["name"]
+    check_context(module.model, int(spec["frames"]))
     questions = read_video_questions(name, spec["questions"])
     if spec.get("limit"):
         questions = questions[: int(spec["limit"])]
