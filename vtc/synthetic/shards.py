@@ -190,20 +190,7 @@ def generate(
         build_tiny_tokenizer(sorted(texts), tmp / "tokenizer")
         stats: dict = {"params": params, "question_mix": question_mix(grid),
                        "splits": {s: prior_stats(answers[s]) for s in SPLITS}}
-        train_types = stats["splits"]["train"]["types"]
-        if sizes["test"] and train_types:
-            hit = sum(answers["test"][q][train_types[q]["majority"]] for q in train_types)
-            stats["test_prior_from_train_majority"] = hit / sizes["test"]
-        stats["seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / "meta.json").write_text(json.dumps(stats, indent=1) + "\n")
-        (tmp / "DONE").write_text("ok\n")
-        if out.exists():  # an earlier generated benchmark: swap it out, then delete it
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        finish_set(tmp, out, stats, answers, sizes["test"], t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -211,6 +198,26 @@ def generate(
         _print_stats(stats)
         print(f"[synthetic] wrote {out} in {stats['seconds']:.1f} s")
     return stats
+
+
+def finish_set(tmp: Path, out: Path, stats: dict, answers: dict, n_test: int, t0: float) -> None:
+    """Complete a generated set (images or videos) built in ``tmp``: the test prior of the train
+    majority answers and the wall time into ``stats``, ``meta.json`` and ``DONE`` written last, then
+    ``tmp`` renamed to ``out`` (an earlier generated ``out`` is swapped out, then deleted)."""
+    train_types = stats["splits"]["train"]["types"]
+    if n_test and train_types:
+        hit = sum(answers["test"][q][train_types[q]["majority"]] for q in train_types)
+        stats["test_prior_from_train_majority"] = hit / n_test
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    (tmp / "meta.json").write_text(json.dumps(stats, indent=1) + "\n")
+    (tmp / "DONE").write_text("ok\n")
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def ensure_synthetic(out_dir, **kw) -> dict:

@@ -52,7 +52,7 @@ import numpy as np
 from vtc.data.batch import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vtc.data.tokenizer import build_tiny_tokenizer
 from vtc.synthetic.render import JPEG_QUALITY, render_board
-from vtc.synthetic.shards import _add_member, _replaceable, ensure_built, prior_stats
+from vtc.synthetic.shards import _add_member, _replaceable, ensure_built, finish_set, prior_stats
 from vtc.synthetic.video_baselines import BaselineCounter
 from vtc.synthetic.video_world import (
     FPS,
@@ -156,17 +156,6 @@ def _print_stats(stats: dict) -> None:
               f"{100 * stats['test_prior_from_train_majority']:.1f}%")
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier generated ``out`` is swapped out, then deleted."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _jobs(tmp: Path, sizes: dict, params: dict) -> tuple[list[dict], dict, dict]:
     jobs, index, frames_index = [], {}, {}
     caps = {"train": params["encoder_frames"], "val": min(ENCODER_VAL_FRAMES, sizes["val"]), "test": 0}
@@ -255,14 +244,7 @@ def generate(out_dir, seed: int = 0, n_train: int = 8000, n_val: int = 500, n_te
                        "splits": {s: prior_stats(answers[s]) for s in SPLITS},
                        "baselines": {s: baselines[s].stats() for s in SPLITS},
                        "encoder_frames": {s: f["total"] for s, f in frames_index.items()}}
-        train_types = stats["splits"]["train"]["types"]
-        if sizes["test"] and train_types:
-            hit = sum(answers["test"][q][train_types[q]["majority"]] for q in train_types)
-            stats["test_prior_from_train_majority"] = hit / sizes["test"]
-        stats["seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / "meta.json").write_text(json.dumps(stats, indent=1) + "\n")
-        (tmp / "DONE").write_text("ok\n")
-        _install(tmp, out)
+        finish_set(tmp, out, stats, answers, sizes["test"], t0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
