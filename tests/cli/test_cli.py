@@ -21,6 +21,7 @@ HELP_MARKERS = {
     "flops": ["compressors=A,B"],
     "convert": ["--images"],
     "synthetic": ["--grid"],
+    "synthetic-video": ["--frames", "--encoder-frames"],
     "export": ["--format"],
     "consolidate": ["one torch file"],
     "report": ["--experiment"],

@@ -22,6 +22,7 @@ MODULES = {
     "flops": ("vtc.cli.flops", "analytic FLOPs of a configured model, per compressor (no weights)"),
     "convert": ("vtc.data.convert", "LLaVA-format JSON + images -> webdataset shards"),
     "synthetic": ("vtc.synthetic.shards", "build the synthetic digit-grid VQA benchmark's shards"),
+    "synthetic-video": ("vtc.synthetic.video_shards", "build the synthetic video benchmark's shards (clips of boards)"),
     "export": ("vtc.eval.export", "a trained checkpoint as a transformers Llava or vtc directory"),
     "consolidate": ("vtc.distributed.consolidate", "one torch file from a (sharded FSDP) checkpoint"),
     "report": ("vtc.runs.report", "reports from MLflow: mean +- std per configuration over seeds"),
