@@ -149,13 +149,7 @@ def generate(
     params = {"seed": int(seed), "n_train": sizes["train"], "n_val": sizes["val"], "n_test": sizes["test"],
               "image_size": int(image_size), "grid": int(grid), "shard_size": int(shard_size),
               "train_turns": int(train_turns), "train_readout": int(train_readout)}
-    out = Path(out_dir)
-    if out.exists() and not _replaceable(out):
-        raise FileExistsError(f"{out} exists and does not look like a generated benchmark; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    out, tmp, t0 = start_set(out_dir)
     try:
         jobs, index = [], {}
         for split in SPLITS:
@@ -198,6 +192,19 @@ def generate(
         _print_stats(stats)
         print(f"[synthetic] wrote {out} in {stats['seconds']:.1f} s")
     return stats
+
+
+def start_set(out_dir) -> tuple[Path, Path, float]:
+    """(out, a fresh temporary folder beside it, start time) for generating a set (images or
+    videos); refuses an ``out`` that holds something other than a generated benchmark."""
+    out = Path(out_dir)
+    if out.exists() and not _replaceable(out):
+        raise FileExistsError(f"{out} exists and does not look like a generated benchmark; not overwriting it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    return out, tmp, t0
 
 
 def finish_set(tmp: Path, out: Path, stats: dict, answers: dict, n_test: int, t0: float) -> None:

@@ -40,8 +40,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
-import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -52,7 +50,7 @@ import numpy as np
 from vtc.data.batch import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vtc.data.tokenizer import build_tiny_tokenizer
 from vtc.synthetic.render import JPEG_QUALITY, render_board
-from vtc.synthetic.shards import _add_member, _replaceable, ensure_built, finish_set, prior_stats
+from vtc.synthetic.shards import _add_member, ensure_built, finish_set, prior_stats, start_set
 from vtc.synthetic.video_baselines import BaselineCounter
 from vtc.synthetic.video_world import (
     FPS,
@@ -210,13 +208,7 @@ def generate(out_dir, seed: int = 0, n_train: int = 8000, n_val: int = 500, n_te
               "n_test": sizes["test"], "image_size": int(image_size), "grid": int(grid), "frames": int(frames),
               "shard_size": int(shard_size), "train_turns": int(train_turns), "train_readout": int(train_readout),
               "encoder_frames": min(int(encoder_frames), sizes["train"])}
-    out = Path(out_dir)
-    if out.exists() and not _replaceable(out):
-        raise FileExistsError(f"{out} exists and does not look like a generated benchmark; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
+    out, tmp, t0 = start_set(out_dir)
     try:
         jobs, index, frames_index = _jobs(tmp, sizes, params)
         workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, int(workers))
