@@ -147,6 +147,33 @@ def test_short_video_repeats_frames(tmp_path):
     assert got.timestamps == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.4]
 
 
+def test_segment_indices_are_mvbench_s_rule_worked_by_hand():
+    """MVBench's get_index, worked by hand (seg = (end_idx - start_idx) / n; int(start + seg/2 +
+    round-half-even(seg * i)))."""
+    si = video_frames.segment_indices
+    # whole video, 30 frames (max_frame 29): seg 29/4 = 7.25 -> 3.625 + {0, 7, 14, 22}
+    assert si(4, 10.0, 29) == [3, 10, 17, 25]
+    # bound [1.0, 2.0] s at 10 fps: frames 10..20, seg 2.5 -> 11.25 + {0, 2 (2.5 to even), 5, 8 (7.5 to even)}
+    assert si(4, 10.0, 29, (1.0, 2.0)) == [11, 13, 16, 19]
+    # a folder of 6 frames at 3 fps numbered from 1, bound [0, 2] s: 1..6, seg 1.25 -> 1.625 + {0, 1, 2, 4}
+    assert si(4, 3.0, 6, (0.0, 2.0), first_idx=1) == [1, 2, 3, 5]
+    # a bound past the end keeps to the video's frames (the notebook would index out of range)
+    assert si(2, 10.0, 29, (5.0, 9.0)) == [29, 29]
+    with pytest.raises(video_frames.VideoError) as e:
+        si(4, None, 29, (1.0, 2.0))
+    assert e.value.reason == video_frames.NO_FRAME_RATE
+    assert si(4, None, 29) == [3, 10, 17, 25]  # no bound: the frame rate is not needed
+
+
+def test_sample_video_at_mvbench_indices_inside_a_bound(tmp_path):
+    path = write_video(tmp_path / "v.mp4", 30)
+    got = video_frames.sample_video(path, 4, pick=lambda count, fps: video_frames.segment_indices(
+        4, fps, count - 1, (1.0, 2.0)))
+    assert got.indices == [11, 13, 16, 19]
+    assert [palette_index(f) for f in got.frames] == got.indices
+    assert got.timestamps == [i / FPS for i in got.indices]
+
+
 def _bad_videos(d: Path) -> dict[str, tuple[Path, str]]:
     """name -> (path, expected VideoError reason, or 'missing' for FileNotFoundError)."""
     rng = np.random.default_rng(0)

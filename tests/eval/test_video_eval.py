@@ -227,7 +227,7 @@ def test_frames_prompt_and_prefill_of_a_sample(tmp_path, dirs):  # noqa: F811
 
     from vtc.data.batch import ITEM_VIDEO
     from vtc.data.tokenizer import load_tokenizer
-    from vtc.data.video_frames import read_frames
+    from vtc.data.video_frames import sample_video, segment_indices
     from vtc.data.video_qa import read_mvbench
     from vtc.eval.bench import benchmark_spec
     from vtc.eval.init_from import prompt_settings
@@ -243,11 +243,17 @@ def test_frames_prompt_and_prefill_of_a_sample(tmp_path, dirs):  # noqa: F811
     video, folder = ds[0], ds[2]
     (kind, pixels), = video["visual"]
     assert kind == ITEM_VIDEO and pixels.shape == (FRAMES, 3, 56, 56)
-    frames, _ = read_frames(root / "MVBench/video/ssv2_video/v1.mp4", FRAMES)
+    frames = sample_video(root / "MVBench/video/ssv2_video/v1.mp4", FRAMES, pick=lambda count, fps: segment_indices(
+        FRAMES, fps, count - 1)).frames
     assert torch.equal(pixels, torch.stack([settings.processor(f) for f in frames]))
     files = sorted((root / "MVBench/video/tvqa/frames_fps3_hq/clip1").iterdir())
-    want = [settings.processor(Image.open(files[i]).convert("RGB")) for i in (0, 1, 3, 5)]
-    assert torch.equal(folder["visual"][0][1], torch.stack(want))
+    # MVBench's segments inside the question's [0, 2] s bound at 3 fps, frames numbered from 1:
+    # numbers 1, 2, 3, 5 (worked in tests/data/test_convert_video.py), files 0, 1, 2, 4
+    want = [settings.processor(Image.open(files[i]).convert("RGB")) for i in (0, 1, 2, 4)]
+    assert spec["sampling"] == "segments" and torch.equal(folder["visual"][0][1], torch.stack(want))
+    uniform = VideoQuestionDataset(read_mvbench(spec["questions"]), {**spec, "sampling": "uniform"}, tok, settings)
+    want = [settings.processor(Image.open(files[i]).convert("RGB")) for i in (0, 1, 3, 5)]  # Video-LLaVA's linspace
+    assert torch.equal(uniform[2]["visual"][0][1], torch.stack(want))
     image_id = tok.convert_tokens_to_ids("<image>")
     prefill = tok("Best option:(", add_special_tokens=False)["input_ids"]
     assert video["gen_input_ids"].count(image_id) == 1 and video["gen_input_ids"][-len(prefill):] == prefill
@@ -281,6 +287,8 @@ def test_video_benchmarks_compose_and_missing_files_are_refused_naming_the_key(t
         benchmark_spec(eval_cfg(tmp_path, "benchmark=msrvtt_qa", f"benchmark.root={tmp_path / 'none'}"))
     with pytest.raises(ConfigError, match="^benchmark.frames"):
         benchmark_spec(eval_cfg(tmp_path, "benchmark=mvbench", f"benchmark.root={root}", "benchmark.frames=0"))
+    with pytest.raises(ConfigError, match="^benchmark.sampling: 'middle' is not a frame sampling rule"):
+        benchmark_spec(eval_cfg(tmp_path, "benchmark=mvbench", f"benchmark.root={root}", "benchmark.sampling=middle"))
     with pytest.raises(ConfigError, match="^benchmark.options.return_prompt"):
         benchmark_spec(eval_cfg(tmp_path, "benchmark=mvbench", f"benchmark.root={root}", "benchmark.answer_prefix=null"))
     # eval.py refuses before building anything (no model is read from the bogus directory).

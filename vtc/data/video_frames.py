@@ -15,7 +15,9 @@ does the same (``np.linspace(0, total_frame_num - 1, max_frames_num, dtype=int)`
 :func:`sample_indices` is that formula, so the first and the last frame are always taken and the
 indices are floored. A video with fewer frames than N is **not** skipped: the formula then repeats
 frames (5 frames, N = 8 -> 0 0 1 1 2 2 3 4), which is what Video-LLaVA trains on. Only a video
-stream that yields no frame at all is refused (:data:`NO_FRAMES`).
+stream that yields no frame at all is refused (:data:`NO_FRAMES`). MVBench's own rule (segment
+midpoints inside a question's start/end bound, :func:`segment_indices`) is the other one offered:
+a caller passes it to :func:`sample_video` as ``pick``.
 
 How the frames are counted and found. The count is the number of *decoded* frames of the first
 video stream, in presentation order (what the decoder returns), not the container's metadata (often
@@ -41,6 +43,7 @@ metadata (phones' display matrix) is ignored, as decord does: pixels are stored 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -50,13 +53,14 @@ from PIL import Image
 UNREADABLE = "unreadable"
 NO_VIDEO_STREAM = "no_video_stream"
 NO_FRAMES = "no_frames"
+NO_FRAME_RATE = "no_frame_rate"  # a start/end bound in seconds, on a video without a frame rate
 
 _ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
 
 
 class VideoError(Exception):
-    """A video that cannot give frames. ``reason`` is :data:`UNREADABLE`, :data:`NO_VIDEO_STREAM`
-    or :data:`NO_FRAMES`; ``detail`` says what FFmpeg said."""
+    """A video that cannot give frames. ``reason`` is :data:`UNREADABLE`, :data:`NO_VIDEO_STREAM`,
+    :data:`NO_FRAMES` or :data:`NO_FRAME_RATE`; ``detail`` says what FFmpeg said."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
@@ -78,20 +82,48 @@ def sample_indices(frame_count: int, n: int) -> list[int]:
     return [int(i) for i in np.linspace(0, frame_count - 1, n, dtype=int)]
 
 
+def segment_indices(n: int, fps: float | None, max_frame: int, bound=None, first_idx: int = 0) -> list[int]:
+    """MVBench's frame indices (``get_index`` of ``video_chat2/mvbench.ipynb``, github.com/OpenGVLab/
+    Ask-Anything at 4dd8210b): the middle of each of ``n`` equal segments of the frames between
+    ``bound = (start, end)`` seconds (the whole video without one),
+
+        start_idx = max(first_idx, round(start * fps)),  end_idx = min(round(end * fps), max_frame)
+        index_i = int(start_idx + seg / 2 + np.round(seg * i)),  seg = (end_idx - start_idx) / n
+
+    with Python's and numpy's round (halves to even) as the notebook has them. The notebook calls
+    it with ``max_frame`` = the last frame's index and ``first_idx`` 0 for a video file; for a
+    folder of frames (``00001.jpg``...) with ``max_frame`` = the number of files, ``first_idx`` 1
+    and ``fps`` 3. Indices are clipped to ``[first_idx, max_frame]``: a bound past the video's end
+    (the notebook would read out of range) takes its last frames."""
+    if bound is not None and not fps:
+        raise VideoError(NO_FRAME_RATE, f"a start/end bound {list(bound)} needs the frame rate, which the video lacks")
+    start, end = (bound[0], bound[1]) if bound is not None else (-100000, 100000)
+    start_idx = max(first_idx, round(start * fps)) if bound is not None else first_idx
+    end_idx = min(round(end * fps), max_frame) if bound is not None else max_frame
+    seg = float(end_idx - start_idx) / n
+    return [min(max(int(start_idx + seg / 2 + np.round(seg * i)), first_idx), max_frame) for i in range(n)]
+
+
 def read_frames(path: str | os.PathLike, n: int) -> tuple[list[Image.Image], list[float]]:
     """``(frames, timestamps)``: ``n`` RGB frames of ``path`` sampled as :func:`sample_video`."""
     sampled = sample_video(path, n)
     return sampled.frames, sampled.timestamps
 
 
-def sample_video(path: str | os.PathLike, n: int) -> SampledVideo:
-    """Decode ``n`` frames sampled uniformly over the video at ``path`` (see module docstring).
+Picker = Callable[[int, "float | None"], list[int]]  # (decoded frame count, frame rate) -> indices
+
+
+def sample_video(path: str | os.PathLike, n: int, pick: Picker | None = None) -> SampledVideo:
+    """Decode ``n`` frames of the video at ``path``, sampled uniformly over it (see module
+    docstring), or at the indices ``pick(frame_count, fps)`` returns (e.g. MVBench's
+    :func:`segment_indices` inside a start/end bound).
 
     Raises FileNotFoundError for a path that is not a file, :class:`VideoError` for a video that
     cannot give frames, ValueError for ``n < 1``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    pick = pick or (lambda count, fps: sample_indices(count, n))
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
@@ -99,15 +131,15 @@ def sample_video(path: str | os.PathLike, n: int) -> SampledVideo:
     if os.path.getsize(path) == 0:
         raise VideoError(UNREADABLE, "empty file")
     try:
-        packets = _count_packets(av, path)
+        packets, fps = _count_packets(av, path)
         if packets == 0:
             raise VideoError(NO_FRAMES, "the video stream holds no frame")
-        indices = sample_indices(packets, n)
+        indices = pick(packets, fps)
         decoded = _decode(av, path, set(indices))
         if decoded.count != packets:  # the decoder's count is the truth: sample over it
             if decoded.count == 0:
                 raise VideoError(NO_FRAMES, f"{packets} packets decode to no frame")
-            indices = sample_indices(decoded.count, n)
+            indices = pick(decoded.count, fps)
             decoded = _decode(av, path, set(indices))
     except VideoError:
         raise
@@ -141,16 +173,18 @@ def _open_video(av, path: str):
     return container, videos[0]
 
 
-def _count_packets(av, path: str) -> int:
-    """The video stream's packets; a packet the demuxer flags corrupt (cut short) refuses it."""
+def _count_packets(av, path: str) -> tuple[int, float | None]:
+    """The video stream's packets and average frame rate (decord's ``get_avg_fps``; None when the
+    container has none); a packet the demuxer flags corrupt (cut short) refuses it."""
     container, stream = _open_video(av, path)
+    rate = stream.average_rate or stream.guessed_rate
     count = 0
     with container:
         for packet in container.demux(stream):
             if packet.is_corrupt:
                 raise VideoError(UNREADABLE, f"packet {count} is corrupt (truncated file?)")
             count += bool(packet.size)  # the demuxer ends with an empty flush packet
-    return count
+    return count, (float(rate) if rate else None)
 
 
 class _Decoded(NamedTuple):

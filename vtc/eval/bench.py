@@ -274,6 +274,7 @@ def log_benchmark_params(cfg: DictConfig, loggers, spec: dict | None = None) -> 
         params["benchmark.limit"] = str(spec.get("limit"))
         if spec["name"] in VIDEO_BENCHMARKS:
             params["benchmark.frames"] = str(spec.get("frames"))
+            params["benchmark.sampling"] = str(spec.get("sampling") or "uniform")
         for k in ("questions", "images", "gt") + (("videos",) if spec["name"] in VIDEO_BENCHMARKS else ()):
             client.set_tag(run_id, f"vtc.benchmark.{k}", str(spec.get(k)))
     already = client.get_run(run_id).data.params

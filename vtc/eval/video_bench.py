@@ -30,8 +30,16 @@ A question whose video is missing or cannot be decoded (:class:`vtc.data.video_f
 gets no answer in either file: it is counted as ``<name>/n_skipped`` and
 ``<name>/n_skipped_<reason>`` (``missing``, ``unreadable``, ``no_video_stream``, ``no_frames``)
 and logged with its path; the scorer's ``n_missing`` counts it too. PyAV missing altogether is an
-error (ImportError), not a skip. MVBench's ``start``/``end`` bounds are not applied: frames are
-sampled over the whole video, as Video-LLaVA samples every video.
+error (ImportError), not a skip.
+
+Which frames (``benchmark.sampling``): ``uniform`` is Video-LLaVA's rule over the whole video
+(:func:`vtc.data.video_frames.sample_indices`, the open-ended sets' default); ``segments`` is
+MVBench's notebook rule, the default of ``benchmark=mvbench``: the middle frame of each of
+``frames`` equal segments, inside the question's ``start``/``end`` bound where its task has one
+(:func:`vtc.data.video_frames.segment_indices`; a frame folder counts from ``00001`` at 3 frames
+per second, as the notebook reads TVQA's frames). ``segments`` is what produced MVBench's
+published numbers; ``uniform`` there ignores the bounds (e.g. to compare with lmms-eval runs that
+sample every video alike).
 """
 from __future__ import annotations
 
@@ -51,12 +59,14 @@ from vtc.data.eval_gt import VIDEO_BENCHMARKS, read_gt
 from vtc.data.eval_score import score_benchmark
 from vtc.data.templates import encode_conversation
 from vtc.data.video_frames import (
+    NO_FRAME_RATE,
     NO_FRAMES,
     NO_VIDEO_STREAM,
     UNREADABLE,
     VideoError,
-    read_frames,
     sample_indices,
+    sample_video,
+    segment_indices,
 )
 from vtc.data.video_qa import read_video_questions, video_path, write_video_qa_answers
 from vtc.errors import ConfigError
@@ -65,6 +75,8 @@ log = logging.getLogger(__name__)
 
 MISSING = "missing"  # no video file or frame folder for the question (Video-LLaVA skips those too)
 FRAME_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SAMPLING = ("uniform", "segments")
+FOLDER_FPS = 3.0  # mvbench.ipynb's read_frame: TVQA's frames_fps3_hq, 00001.jpg first
 OPEN_ENDED = tuple(n for n in VIDEO_BENCHMARKS if n != "mvbench")
 
 
@@ -84,6 +96,9 @@ def check_video_spec(spec: dict) -> None:
     frames = spec.get("frames")
     if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
         raise ConfigError("benchmark.frames", f"frames per video must be an integer >= 1, got {frames!r}")
+    if spec.get("sampling", "uniform") not in SAMPLING:
+        raise ConfigError("benchmark.sampling", f"{spec.get('sampling')!r} is not a frame sampling rule; one of "
+                          f"{SAMPLING} (uniform: Video-LLaVA's; segments: MVBench's, inside its start/end bounds)")
     ret = str((spec.get("options") or {}).get("return_prompt") or "")
     if ret and not str(spec.get("answer_prefix") or "").endswith(ret):
         raise ConfigError("benchmark.options.return_prompt", f"{ret!r} is put back in front of each answer before "
@@ -110,23 +125,30 @@ def question_text(question: dict, prefix: str | None, suffix: str | None) -> str
     return f"{prefix or ''}{text}"
 
 
-def load_frames(path: Path, n: int) -> list[Image.Image]:
+def load_frames(path: Path, n: int, sampling: str = "uniform", bound=None) -> list[Image.Image]:
     """``n`` RGB frames of a video file (PyAV) or of a folder of frame images (sorted by name),
-    sampled with Video-LLaVA's uniform indices; :class:`VideoError` when it gives none."""
+    at ``sampling``'s indices (module docstring; ``bound``: the question's ``[start, end]`` seconds,
+    used by ``segments``); :class:`VideoError` when it gives none."""
+    segments = sampling == "segments"
     if not path.is_dir():
-        return read_frames(path, n)[0]
+        if not segments:
+            return sample_video(path, n).frames
+        return sample_video(path, n, pick=lambda count, fps: segment_indices(n, fps, count - 1, bound)).frames
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTS)
     if not files:
         raise VideoError(NO_FRAMES, f"{path}: no frame images ({', '.join(FRAME_EXTS)})")
+    # segments: the notebook's 1-based frame numbers (max_frame = the file count), file k-1 for number k
+    picks = ([i - 1 for i in segment_indices(n, FOLDER_FPS, len(files), bound, first_idx=1)] if segments
+             else sample_indices(len(files), n))
     out: dict[int, Image.Image] = {}
-    for i in sample_indices(len(files), n):
+    for i in picks:
         if i not in out:
             try:
                 with Image.open(files[i]) as img:
                     out[i] = img.convert("RGB")
             except (OSError, UnidentifiedImageError) as e:
                 raise VideoError(UNREADABLE, f"{files[i]}: {e}") from e
-    return [out[i] for i in sample_indices(len(files), n)]
+    return [out[i] for i in picks]
 
 
 class VideoQuestionDataset(torch.utils.data.Dataset):
@@ -135,6 +157,7 @@ class VideoQuestionDataset(torch.utils.data.Dataset):
 
     def __init__(self, questions: list[dict], spec: dict, tokenizer, settings):
         self.questions, self.videos, self.frames = questions, spec["videos"], int(spec["frames"])
+        self.sampling = spec.get("sampling") or "uniform"
         self.prefix, self.suffix = spec.get("question_prefix"), spec.get("prompt_suffix")
         self.tokenizer, self.settings = tokenizer, settings  # template, max_length, processor, system_prompt
         answer_prefix = spec.get("answer_prefix") or ""
@@ -150,7 +173,7 @@ class VideoQuestionDataset(torch.utils.data.Dataset):
         if path is None:
             return {"index": i, "skip": MISSING, "detail": str(Path(self.videos) / str(q["video"]))}
         try:
-            frames = load_frames(path, self.frames)
+            frames = load_frames(path, self.frames, self.sampling, q.get("bound"))
         except FileNotFoundError:
             return {"index": i, "skip": MISSING, "detail": str(path)}
         except VideoError as e:
@@ -204,7 +227,7 @@ def skip_metrics(name: str, skipped: list[tuple]) -> dict[str, float]:
     """``<name>/n_skipped`` and ``<name>/n_skipped_<reason>`` (every reason, 0 when none)."""
     counts = Counter(reason for _, reason, _ in skipped)
     out = {f"{name}/n_skipped": float(len(skipped))}
-    for reason in (MISSING, UNREADABLE, NO_VIDEO_STREAM, NO_FRAMES, *sorted(counts)):
+    for reason in (MISSING, UNREADABLE, NO_VIDEO_STREAM, NO_FRAMES, NO_FRAME_RATE, *sorted(counts)):
         out[f"{name}/n_skipped_{reason}"] = float(counts.get(reason, 0))
     return out
 
@@ -235,8 +258,9 @@ def evaluate_video_benchmark(spec: dict, cfg, module, settings, model_id: str, d
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.eval_batch_size, shuffle=False, num_workers=int(spec.get("num_workers") or 0),
         collate_fn=partial(collate_video, pad_id=int(tokenizer.pad_token_id), image_size=settings.image_size))
-    log.info("%s: %d questions from %s, %d frames per video from %s, batches of %d on %s", name, len(questions),
-             spec["questions"], dataset.frames, spec["videos"], settings.eval_batch_size, device)
+    log.info("%s: %d questions from %s, %d frames per video (%s sampling) from %s, batches of %d on %s", name,
+             len(questions), spec["questions"], dataset.frames, dataset.sampling, spec["videos"],
+             settings.eval_batch_size, device)
     answered, skipped = generate_video_answers(module, loader, device, ctx)
     answered.sort(key=lambda r: r[0])
     skipped.sort(key=lambda r: r[0])
