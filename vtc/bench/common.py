@@ -274,14 +274,15 @@ def step_flops(model, outs, trainable=TRAIN_PARTS) -> float:
     """Analytic training-step FLOPs of what the step ran: ``vtc.cost.accounting.batch_flops`` of each
     recorded forward (measured token counts per sample and per LLM layer), plus the compressor's
     ``own_flops`` and an in-encoder method's smaller tower (ToMe), summed over the forwards (M3:
-    one per scale)."""
+    one per scale). The tower and a per-image method's cost count once per frame of a video
+    (``LMMOutput.frames``), as ``LMMModule`` counts them."""
 
     shape = model_shape(model)
     n = model.encoder.info.num_patches
     pipeline = model.pipeline
     return sum(batch_flops(shape, o.lengths, o.visual_in, o.seen, o.targets_per_sample, trainable=tuple(trainable),
-                           extra_per_image=pipeline.own_flops(n),
-                           vision_tokens_per_layer=pipeline.encoder_tokens(n)) for o in outs)
+                           extra_per_image=pipeline.own_flops(n), vision_tokens_per_layer=pipeline.encoder_tokens(n),
+                           frames_per_sample=o.frames) for o in outs)
 
 
 def attention_flops(model, outs, train_multiplier: int = 3) -> float:

@@ -175,18 +175,21 @@ def loader_throughput(data: dict, workers: int, batch_size: int, image_size: int
             "loose_runs": loose, "samples_timed": n, "shard_cpu_ms": min(shard_cpu), "loose_cpu_ms": min(loose_cpu)}
 
 
-def data_wait(steps: int, tmp: Path) -> dict:
-    """The default tiny training loop's share of time spent waiting for batches."""
+def data_wait(steps: int, tmp: Path, data: str = "synthetic", fresh: bool = True, batches: int | None = None) -> dict:
+    """The tiny training loop's share of time spent waiting for batches. ``data``: the data config;
+    ``fresh=False``: its set as configured (built or found under data/) instead of a fresh one in
+    ``tmp``; ``batches``: how many the loader is timed alone over (None: one epoch)."""
     import lightning as L
     from hydra import compose, initialize_config_dir
 
     import vtc.config  # noqa: F401  (resolvers)
 
     n_train = max(1024, 32 * (steps // 2))  # the run crosses at least one epoch boundary
+    new_set = [f"paths.data_dir={tmp / 'data'}", f"data.generate.n_train={n_train}", "data.generate.n_val=32",
+               "data.generate.n_test=32"] if fresh else []
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
-            f"paths.data_dir={tmp / 'data'}", f"paths.log_dir={tmp / 'logs'}", "paths.output_dir=" + str(tmp / "run"),
-            f"data.generate.n_train={n_train}", "data.generate.n_val=32", "data.generate.n_test=32",
+            f"data={data}", f"paths.log_dir={tmp / 'logs'}", "paths.output_dir=" + str(tmp / "run"), *new_set,
             "encoder.pretrain=null", "encoder.path=null"])
     ensure_data(cfg)
     L.seed_everything(0)
@@ -235,10 +238,13 @@ def data_wait(steps: int, tmp: Path) -> dict:
     loader = alone.train_dataloader()
     it = iter(loader)
     next(it)
-    t, n = time.perf_counter(), 0
-    for _ in it:
-        n += 1
-    capacity = n / (time.perf_counter() - t)
+    t, n, frames = time.perf_counter(), 0, 0
+    for b in it:
+        n, frames = n + 1, frames + len(b["pixel_values"])  # images + video frames
+        if batches and n >= batches:
+            break
+    dt = time.perf_counter() - t
+    capacity = n / dt
     del loader, it
     # Steps 2..N+1 run between the first and the last stamp; Lightning fetches one batch ahead,
     # so the fetches inside that window are the ones those steps waited for.
@@ -248,9 +254,9 @@ def data_wait(steps: int, tmp: Path) -> dict:
     wall = t1 - t0
     return {"steps": len(stamps) - 1, "batch_size": int(cfg.data.batch_size), "num_workers": int(cfg.data.num_workers),
             "image_size": int(cfg.data.image_size), "wall_s": wall, "wait_s": wait, "share": wait / wall,
-            "step_s": wall / (len(stamps) - 1), "n_train": n_train,
+            "step_s": wall / (len(stamps) - 1), "n_train": int(cfg.data.generate.n_train),
             "step_times_s": [round(b - a, 4) for a, b in zip(stamps, stamps[1:])], "epoch_batches": len(dm.train_dataloader()),
-            "loader_batches_per_s": capacity,
+            "loader_batches_per_s": capacity, "loader_frames_per_s": frames / dt, "frames_per_batch": frames / n,
             "max_wait_s": max(clipped), "max_wait_fetch": int(max(range(len(clipped)), key=clipped.__getitem__)),
             "epoch_starts": [i for i, (a, b) in enumerate(fetches) if i % len(dm.train_dataloader()) == 0]}
 
