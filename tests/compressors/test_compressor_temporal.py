@@ -35,6 +35,15 @@ def test_pool_frames_matches_window_means(T, s):
     assert TemporalPool(s).frames_out(T) == got.shape[0]
 
 
+@pytest.mark.parametrize("T, s", [(8, 2), (8, 3), (5, 4), (3, 8)])
+def test_reduce_first_keeps_each_window_s_first_frame(T, s):
+    frames = torch.randn(T, 4, 3, generator=torch.Generator().manual_seed(T + s))
+    t = TemporalPool(s, reduce="first")
+    got = t(frames)
+    assert torch.equal(got, torch.stack([frames[s * j] for j in range(-(-T // s))]))
+    assert t.frames_out(T) == got.shape[0] and "reduce=first" in t.describe()
+
+
 def video_sample(name, seed, frames=5):
     g = torch.Generator().manual_seed(seed)
     ids = [1, 5, IMG, 6, 7, 8]
@@ -81,6 +90,9 @@ def test_refusals_name_the_key():
     with pytest.raises(ConfigError) as e:
         TemporalPool(0).check(None, 4)
     assert e.value.key == "compressor.stride"
+    with pytest.raises(ConfigError) as e:
+        TemporalPool(2, reduce="max").check(None, 4)
+    assert e.value.key == "compressor.reduce" and "'max'" in e.value.message
     with pytest.raises(ConfigError) as e:
         Pipeline.of(Chain(pre_llm=PruMergePlus(), temporal=TemporalPool(2))).check(tiny_lmm().encoder.info, 3)
     assert e.value.key == "compressor.temporal" and "different number of tokens" in e.value.message

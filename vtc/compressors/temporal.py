@@ -11,6 +11,10 @@ the video enters the LLM as ceil(T/s) frames of V tokens. A short last window is
 frames it has rather than dropped, so a video never loses its end (LLaVolta's 1-D pooling drops a
 remainder instead; here the remainder is a whole frame of content). Images (T = 1) pass unchanged.
 
+``reduce="first"`` keeps each window's first frame instead of the mean (f'_j = f_{s·j}): frame
+subsampling, what sampling ceil(T/s) frames from the video would give, and with ``stride >= T`` a
+one-frame model (the baseline a video benchmark must beat).
+
 It runs at its own site (``temporal``), between the per-frame pre-LLM site and the LLM, so it
 composes with any spatial compressor (``compressor=pool_temporal``: pool 2x2 per frame, then stride 2
 in time) and, being parameter-free with a ``stride`` knob, with schedules (``knobs: {stride: 4}``;
@@ -28,12 +32,17 @@ from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
 
 
-def pool_frames(frames: torch.Tensor, stride: int) -> torch.Tensor:
+REDUCE = ("mean", "first")
+
+
+def pool_frames(frames: torch.Tensor, stride: int, reduce: str = "mean") -> torch.Tensor:
     """[T, V, d] -> [ceil(T/stride), V, d]: means of consecutive windows of ``stride`` frames, the
-    last window over the frames left."""
+    last window over the frames left (``reduce="first"``: each window's first frame)."""
     T = frames.shape[0]
     if stride <= 1 or T <= 1:
         return frames
+    if reduce == "first":
+        return frames[::stride]
     full = T // stride
     out = [frames[: full * stride].reshape(full, stride, *frames.shape[1:]).mean(1)] if full else []
     if T % stride:
@@ -45,14 +54,18 @@ class TemporalPool(Compressor):
     site: ClassVar[str] = "temporal"
     knobs: ClassVar[tuple[str, ...]] = ("stride",)
 
-    def __init__(self, stride: int = 2):
+    def __init__(self, stride: int = 2, reduce: str = "mean"):
         super().__init__()
         self.stride = stride
+        self.reduce = reduce
 
     def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
         s = self.stride
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ConfigError("compressor.stride", f"must be a positive integer (frames per window), got {s!r}")
+        if self.reduce not in REDUCE:
+            raise ConfigError("compressor.reduce", f"{self.reduce!r} is not one of {REDUCE} (mean: average a window's "
+                              "frames; first: keep its first frame)")
 
     def compressing(self) -> bool:
         return self.enabled and self.stride > 1
@@ -66,7 +79,10 @@ class TemporalPool(Compressor):
         return -(-frames // self.stride) if self.compressing() else frames
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return pool_frames(frames, self.stride) if self.compressing() else frames
+        return pool_frames(frames, self.stride, self.reduce) if self.compressing() else frames
 
     def describe(self) -> str:
-        return f"TemporalPool(stride={self.stride})" if self.compressing() else "TemporalPool(off)"
+        if not self.compressing():
+            return "TemporalPool(off)"
+        extra = "" if self.reduce == "mean" else f", reduce={self.reduce}"
+        return f"TemporalPool(stride={self.stride}{extra})"
