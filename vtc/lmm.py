@@ -17,6 +17,7 @@ from vtc.compressors.base import Compressor, NoCompression
 from vtc.compressors.chain import Pipeline
 from vtc.data.batch import IGNORE_INDEX, ITEM_VIDEO
 from vtc.data.collate import frames_per_sample, items_from_image_index, visual_items
+from vtc.errors import ConfigError
 from vtc.model.encoder import VisionEncoder
 from vtc.model.llm import LanguageModel
 from vtc.model.projector import build_projector
@@ -52,11 +53,15 @@ class LMM(nn.Module):
         pad_token_id: int = 0,
         eos_token_id: int | None = None,
         stage_compressor: Compressor | None = None,
+        frame_embeddings: int = 0,
     ):
         """``compressor``: the configured method (or a ``Chain`` of one per site), the deployed
         model's. ``stage_compressor``: a parameter-free member a training schedule adds at a free
         site (LLaVolta's in-LLM pooling over what the configured one leaves); switched by the
-        curriculum, off at the end, and never in the state dict."""
+        curriculum, off at the end, and never in the state dict. ``frame_embeddings``: > 0 adds a
+        learned embedding of its time index to every token of a video's frame t (t < the number
+        given), as Video-LLaMA's frame position embedding does; 0 (LLaVA, Video-LLaVA): nothing
+        marks the frames but their order."""
         super().__init__()
         self.encoder = encoder
         self.llm = llm
@@ -76,6 +81,11 @@ class LMM(nn.Module):
             in_dim = pre.output_dim(encoder.info.hidden_size) if pre is not None else encoder.info.hidden_size
             self.projector = build_projector(projector, in_dim, llm.hidden_size)
         self.projector_kind = projector
+        # Trained with the projector (``part_modules``): it maps frame features into the LLM, with their time.
+        self.frame_embedding = None
+        if frame_embeddings:
+            self.frame_embedding = nn.Embedding(int(frame_embeddings), llm.hidden_size)
+            nn.init.normal_(self.frame_embedding.weight, std=0.02)
         self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
@@ -91,6 +101,13 @@ class LMM(nn.Module):
         return self.stage_compressor if self.stage_compressor is not None else self.compressor
 
     # -- parts -----------------------------------------------------------------------------------
+    def part_modules(self, part: str) -> list[nn.Module]:
+        """The modules of a ``train_parts`` part (encoder, compressor, projector, llm): the
+        projector's include the frame embedding."""
+        if part == "projector" and self.frame_embedding is not None:
+            return [self.projector, self.frame_embedding]
+        return [getattr(self, part)]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """[N, 3, H, W] -> [N, V, d_llm] visual tokens, compressed before the LLM if the site says.
 
@@ -122,7 +139,8 @@ class LMM(nn.Module):
         """Each visual item's tokens [L_m, d_llm]: its frames encoded (and compressed per frame)
         like images, a video's frames pooled in time by the temporal site's member, then
         concatenated in time order; nothing separates the frames (Video-LLaVA concatenates its 8
-        frames' tokens the same way)."""
+        frames' tokens the same way) unless the model has a frame embedding, added to each frame's
+        tokens before temporal pooling (a pooled window then carries its frames' mean time)."""
         if pixel_values is None or pixel_values.shape[0] == 0 or len(items) == 0:
             return []
         visual = self.encode_images(pixel_values)
@@ -130,10 +148,23 @@ class LMM(nn.Module):
         out = []
         for first, frames, kind in items[:, 1:4].tolist():
             rows = visual[first:first + frames]
+            if self.frame_embedding is not None and kind == ITEM_VIDEO:
+                rows = self.add_frame_embedding(rows)
             if temporal is not None and kind == ITEM_VIDEO:
                 rows = temporal(rows)  # [T, V, d] -> [T', V, d] (fixed-count pre-LLM methods only)
             out.append(torch.cat(list(rows)) if isinstance(rows, list) else rows.reshape(-1, rows.shape[-1]))
         return out
+
+    def add_frame_embedding(self, rows):
+        """A video's frames [T, V, d] (or T tensors [V_t, d]) plus the embedding of each frame's index."""
+        T, n = len(rows), self.frame_embedding.num_embeddings
+        if T > n:
+            raise ConfigError("projector.frame_embeddings", f"a video of {T} frames, but the model embeds {n} frame "
+                              f"indices; sample at most {n} frames (data.generate.frames, benchmark.frames)")
+        emb = self.frame_embedding.weight
+        if isinstance(rows, torch.Tensor):
+            return rows + emb[:T, None].to(rows.dtype)
+        return [r + emb[t].to(r.dtype) for t, r in enumerate(rows)]
 
     def build_sequence(self, input_ids, attention_mask, labels, pixel_values, items) -> SeqState:
         """``items``: the batch's ``visual_items`` [M, 4], or ``image_index`` [B] (at most one

@@ -493,6 +493,34 @@ def test_export_vtc_round_trip_for_compressors_with_parameters(dirs, tmp_path, n
         load_llava(out, compressor=AvgPool2d(2))
 
 
+def test_export_vtc_round_trip_keeps_a_frame_embedding(dirs, tmp_path):
+    """projector.frame_embeddings: the Llava layout has no place for it (refused); vtc's keeps it."""
+    from omegaconf import OmegaConf
+
+    from vtc.config import CONF_DIR
+    from vtc.data.batch import ITEM_VIDEO
+    from vtc.data.collate import collate
+    from vtc.eval.export import export_hf, export_vtc
+
+    L = load_llava(dirs["hf"])
+    m, tok = L.model, L.tokenizer
+    m.frame_embedding = torch.nn.Embedding(4, m.llm.hidden_size)
+    torch.nn.init.normal_(m.frame_embedding.weight)
+    with pytest.raises(ValueError, match="frame embedding"):
+        export_hf(m, tok, str(tmp_path / "no"), image_settings())
+    out = str(tmp_path / "vtc")
+    export_vtc(m, tok, out, image_settings(), OmegaConf.to_container(OmegaConf.load(CONF_DIR / "compressor/none.yaml")))
+    back = load_llava(out)
+    assert torch.equal(back.model.frame_embedding.weight, m.frame_embedding.weight) and not back.report.new
+    ids = tok("USER : <image> what is in the picture ? ASSISTANT :")["input_ids"]
+    g = torch.Generator().manual_seed(0)
+    size = m.encoder.info.image_size
+    b = collate([{"id": "v", "input_ids": ids, "labels": ids, "visual": [(ITEM_VIDEO, torch.randn(3, 3, size, size, generator=g))]}],
+                pad_id=tok.pad_token_id, image_size=size)
+    with torch.no_grad():
+        assert torch.equal(m(b).loss, back.model(b).loss)
+
+
 # -- the Hydra wiring: model.init_from -------------------------------------------------------------
 def compose(*overrides):
     from hydra import compose as hydra_compose

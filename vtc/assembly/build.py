@@ -27,6 +27,10 @@ def build_lmm(cfg: DictConfig, tokenizer, training: bool = False) -> LMM:
     compressor, added = build_compressors(cfg, training=training)
     if (cfg.get("model") or {}).get("init_from"):  # a LLaVA / exported directory (vtc.interop.init_from)
         model = build_lmm_from_cfg(cfg, tokenizer)
+        n = int(cfg.projector.get("frame_embeddings") or 0)
+        if n:  # a released LLaVA has none: a new one, fine-tuned with the projector
+            model.frame_embedding = torch.nn.Embedding(n, model.llm.hidden_size)
+            torch.nn.init.normal_(model.frame_embedding.weight, std=0.02)
         if added is not None:
             model.stage_compressor = added
             model.pipeline.check(model.encoder.info, model.llm.num_layers)
@@ -51,6 +55,7 @@ def build_lmm(cfg: DictConfig, tokenizer, training: bool = False) -> LMM:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         stage_compressor=added,
+        frame_embeddings=int(cfg.projector.get("frame_embeddings") or 0),
     )
 
 
@@ -109,7 +114,8 @@ def build_meta(cfg, compressor_cfg):
     with torch.device("meta"):
         encoder = instantiate(enc_kw)
         llm = instantiate(llm_kw)
-        return LMM(encoder, llm, instantiate(compressor_cfg), projector=cfg.projector.kind)
+        return LMM(encoder, llm, instantiate(compressor_cfg), projector=cfg.projector.kind,
+                   frame_embeddings=int(cfg.projector.get("frame_embeddings") or 0))
 
 
 def meta_lmm(overrides: list[str]):
@@ -118,6 +124,7 @@ def meta_lmm(overrides: list[str]):
     cfg = compose_conf("train", overrides)
     lmm = build_meta(cfg, cfg.compressor)
     for part in ("encoder", "compressor", "projector", "llm"):
-        for p in getattr(lmm, part).parameters():
-            p.requires_grad_(part in cfg.train_parts)
+        for module in lmm.part_modules(part):
+            for p in module.parameters():
+                p.requires_grad_(part in cfg.train_parts)
     return lmm

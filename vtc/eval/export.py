@@ -66,6 +66,8 @@ def hf_blockers(model: LMM) -> list[str]:
                    f"{comp.output_dim(model.encoder.info.hidden_size)}-wide fused tokens)")
     elif n_params:
         why.append(f"the compressor {type(comp).__name__} has {n_params} trained parameters")
+    if model.frame_embedding is not None:
+        why.append("a frame embedding (projector.frame_embeddings): Llava has none")
     if not comp.owns_projection and model.projector_kind != "mlp2x_gelu":
         why.append(f"projector {model.projector_kind!r}: Llava's projector is Linear-GELU-Linear (mlp2x_gelu)")
     return why
@@ -204,6 +206,7 @@ def export_vtc(model: LMM, tokenizer, out: str, image: ImageSettings, compressor
         "projector": None if comp.owns_projection else model.projector_kind,
         "compressor": compressor_cfg,
         "compressor_has_params": has_params,
+        "frame_embeddings": model.frame_embedding.num_embeddings if model.frame_embedding is not None else 0,
         "image_token": IMAGE_TOKEN,
         "image_token_id": int(model.image_token_id),
         "dtype": str(weight_dtype).replace("torch.", ""),

@@ -118,7 +118,8 @@ def build_from_spec(spec: LlavaSpec, tokenizer, compressor=None, *, vision_dtype
         raise LlavaLoadError(f"{spec.root} holds no projector (its saved compressor {spec.compressor} was the "
                              f"projector); {type(compressor).__name__} needs one", key="compressor")
     model = LMM(encoder, llm, compressor, projector=spec.projector or "mlp2x_gelu", image_token_id=image_id,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                frame_embeddings=spec.frame_embeddings)
     report = LoadReport(source=spec.root + (f" + {spec.vision_dir}" if spec.vision_dir else ""), notes=list(spec.notes))
     load_weights(model, weight_sources(spec), report)
     report.check(strict)

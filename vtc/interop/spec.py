@@ -92,6 +92,7 @@ class LlavaSpec:
     vision_dir: str | None = None  # original LLaVA: where the vision tower's weights are
     compressor: dict | None = None  # vtc format: the saved compressor's config
     compressor_has_params: bool = False
+    frame_embeddings: int = 0  # vtc format: the model's frame embedding (projector.frame_embeddings)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -241,4 +242,5 @@ def _spec_vtc(root: str, raw: dict) -> LlavaSpec:
     image = image_for_directory(root, vcfg, None, notes)
     return LlavaSpec("vtc", root, _family(vcfg), vcfg, tcfg, int(raw["select_layer"]), raw.get("projector"),
                      raw.get("image_token_id"), root, image, compressor=raw.get("compressor"),
-                     compressor_has_params=bool(raw.get("compressor_has_params")), notes=notes)
+                     compressor_has_params=bool(raw.get("compressor_has_params")),
+                     frame_embeddings=int(raw.get("frame_embeddings") or 0), notes=notes)

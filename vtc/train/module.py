@@ -62,8 +62,9 @@ class LMMModule(L.LightningModule):
         self.on_nonfinite_loss = on_nonfinite_loss
         self.nonfinite_skipped = 0
         for part in PARTS:
-            for p in getattr(model, part).parameters():
-                p.requires_grad_(part in self.train_parts)
+            for module in model.part_modules(part):
+                for p in module.parameters():
+                    p.requires_grad_(part in self.train_parts)
         self.val_acc = ExactMatchAccuracy()
         self.test_acc = ExactMatchAccuracy()
         self.type_acc = nn.ModuleDict()
@@ -86,7 +87,8 @@ class LMMModule(L.LightningModule):
         # Frozen parts stay in eval mode (no dropout), as LLaVA keeps CLIP.
         for part in PARTS:
             if part not in self.train_parts:
-                getattr(self.model, part).eval()
+                for module in self.model.part_modules(part):
+                    module.eval()
         return self
 
     def forward(self, batch):
