@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages
+.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ study-stf: setup
 ## constant heavy pooling, 3 seeds each, report: make study-stages ARGS="[--seeds 0,1] [-- overrides]"
 study-stages: setup
 	$(PY) -m vtc.runs.study llavolta_stages $(ARGS)
+
+## Study llavolta_video (experiments/llavolta_video/README.md): on the synthetic video benchmark, none /
+## LLaVolta 4-stage / constant heavy pooling / one frame / frame average, 3 seeds each, report:
+## make study-video ARGS="[--seeds 0,1] [-- overrides]"
+study-video: setup
+	$(PY) -m vtc.runs.study llavolta_video $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only, of the store the runs log to: $MLFLOW_TRACKING_URI when
 ## set, else the repo's sqlite file. Run artifacts lie beside a sqlite store (mlartifacts/, set by

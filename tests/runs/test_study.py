@@ -174,3 +174,22 @@ def test_multi_arm_study_trains_every_arm_and_seed(workspace, tmp_path):
     assert len(rep["configurations"]) == 3 and all(len(c["run_ids"]) == 1 for c in rep["configurations"])
     # Compact row labels: no "–" for knobs an arm's compressor does not have.
     assert all("–" not in c["label"] for c in rep["configurations"]), [c["label"] for c in rep["configurations"]]
+
+
+def test_the_video_study_arms_compose():
+    """llavolta_video: five arms on the 56 px, 2x2-board video set; each
+    arm's compressor, schedule and temporal reduction as experiments/llavolta_video/README.md says."""
+    from vtc.runs.study import arms_size
+
+    cfg = compose("train", ["experiment=llavolta_video"], hydra_config=True)
+    arms = {"none": ("NoCompression", "constant"), "llavolta_4stage": ("NoCompression", "llavolta"),
+            "vcc_8": ("VisualContextCompressor", "constant"), "temporal_first_8": ("TemporalPool", "constant"),
+            "temporal_8": ("TemporalPool", "constant")}
+    assert cfg.hydra.sweeper.params.ablation == ",".join(arms) and arms_size(cfg) == 5
+    assert cfg.data.generate.kind == "video" and cfg.encoder.image_size == cfg.data.image_size == 56
+    assert cfg.data.generate.grid == 2 and cfg.projector.frame_embeddings == 0 and cfg.data.generate.frames == 8
+    for arm, (cls, schedule) in arms.items():
+        c = compose("train", ["experiment=llavolta_video", f"ablation={arm}"])
+        assert c.compressor._target_.endswith(cls) and c.schedule.name == schedule, arm
+    assert compose("train", ["experiment=llavolta_video", "ablation=temporal_first_8"]).compressor.reduce == "first"
+    assert compose("train", ["experiment=llavolta_video", "ablation=temporal_8"]).compressor.get("reduce", "mean") == "mean"
