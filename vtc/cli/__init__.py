@@ -35,10 +35,11 @@ BENCHES = {
     "compressors": ("vtc.bench.compressors", "one training step of every compressor config, side by side"),
     "curriculum": ("vtc.bench.curriculum", "a stage-wise schedule (LLaVolta) against constant none"),
     "loader": ("vtc.bench.loader", "data-side speed: shard loader, converter, data wait of a training loop"),
+    "video": ("vtc.bench.video", "a video training step: LLaVolta's first stage and temporal pooling against none"),
     "compile": ("vtc.bench.compile", "the training step, eager against torch.compile'd LLM layers"),
     "gpu_step": ("vtc.bench.gpu_step", "a LLaVA-1.5-7B-shaped training step on one GPU: tokens/s, MFU"),
 }
-BENCH_LINE = "benchmarks: vtc bench {compressors,curriculum,loader,compile,gpu_step} [--help]"
+BENCH_LINE = "benchmarks: vtc bench {compressors,curriculum,loader,video,compile,gpu_step} [--help]"
 
 
 def prog_name(module: str) -> str:
