@@ -59,6 +59,7 @@ def _compressors() -> dict:
     from vtc.compressors.m3 import Matryoshka
     from vtc.compressors.pool import AvgPool2d
     from vtc.compressors.prumerge_plus import PruMergePlus
+    from vtc.compressors.random_prune import RandomPrune
     from vtc.compressors.stf import SpatialTokenFusion
     from vtc.compressors.stf_mbtf import STFMultiBlock
     from vtc.compressors.tome import ToMe
@@ -79,10 +80,12 @@ def _compressors() -> dict:
         "vcc": (lambda: VisualContextCompressor(layer=0, stride=3), {}),
         "fastv": (lambda: FastV(layer=1, ratio=0.5), {}),
         "dart": (lambda: DART(1, 0.5), {}),
+        "random_prune": (lambda: RandomPrune(keep=8), {}),
     }
 
 
-COMPRESSORS = ["none", "pool", "stf", "stf_mbtf", "m3", "visionzip", "prumerge_plus", "tome", "vcc", "fastv", "dart"]
+COMPRESSORS = ["none", "pool", "stf", "stf_mbtf", "m3", "visionzip", "prumerge_plus", "tome", "vcc", "fastv", "dart",
+               "random_prune"]
 
 
 def test_every_compressor_config_is_covered():
