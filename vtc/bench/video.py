@@ -44,6 +44,7 @@ import torch
 from vtc.bench import common as C
 from vtc.bench.curriculum import SIZES as CURRICULUM_SIZES
 from vtc.bench.curriculum import load_schedule
+from vtc.bench.loader import data_wait
 from vtc.compressors.schedule import parse_stages
 from vtc.cost.accounting import model_shape
 from vtc.cost.flops import forward_flops
@@ -170,8 +171,6 @@ def _run(s: C.Sizes, steps: int, repeats: int, block: int, T: int, log) -> dict:
 def loader_part(steps: int = 20, batches: int = 40, threads: int | None = 1, fresh: bool = False, log=print) -> dict:
     """``vtc.bench.loader.data_wait`` on ``data=synthetic_video`` as configured (the set built or
     found under data/; ``fresh``: a small new one in a temporary folder)."""
-    from vtc.bench.loader import data_wait
-
     log(f"loader: data=synthetic_video, {steps} Lightning steps, then {batches} batches of the loader alone")
     with C.torch_threads(threads), tempfile.TemporaryDirectory(prefix="vtc-bench-video-") as tmp:
         w = data_wait(steps, Path(tmp), data="synthetic_video", fresh=fresh, batches=batches)
