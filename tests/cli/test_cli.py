@@ -32,6 +32,7 @@ HELP_MARKERS = {
     "bench compressors": ["usage: vtc bench compressors", "--vision-width"],
     "bench curriculum": ["usage: vtc bench curriculum", "--schedule"],
     "bench loader": ["--shuffle-buffer"],
+    "bench video": ["usage: vtc bench video", "--skip-loader"],
     "bench compile": ["usage: vtc bench compile", "torch.compile"],
     "bench gpu_step": ["--text-tokens"],
     "bench": ["usage: vtc bench BENCHMARK", "gpu_step"],
