@@ -84,8 +84,7 @@ class LMM(nn.Module):
         # Trained with the projector (``part_modules``): it maps frame features into the LLM, with their time.
         self.frame_embedding = None
         if frame_embeddings:
-            self.frame_embedding = nn.Embedding(int(frame_embeddings), llm.hidden_size)
-            nn.init.normal_(self.frame_embedding.weight, std=0.02)
+            self.add_frame_embedding_table(int(frame_embeddings))
         self.image_token_id = image_token_id
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
@@ -154,6 +153,11 @@ class LMM(nn.Module):
                 rows = temporal(rows)  # [T, V, d] -> [T', V, d] (fixed-count pre-LLM methods only)
             out.append(torch.cat(list(rows)) if isinstance(rows, list) else rows.reshape(-1, rows.shape[-1]))
         return out
+
+    def add_frame_embedding_table(self, n: int) -> None:
+        """A new, randomly initialised embedding of ``n`` frame indices (``projector.frame_embeddings``)."""
+        self.frame_embedding = nn.Embedding(n, self.llm.hidden_size)
+        nn.init.normal_(self.frame_embedding.weight, std=0.02)
 
     def add_frame_embedding(self, rows):
         """A video's frames [T, V, d] (or T tensors [V_t, d]) plus the embedding of each frame's index."""

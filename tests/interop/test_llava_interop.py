@@ -555,6 +555,10 @@ def test_init_from_rewrites_the_config_and_builds_the_same_model(dirs):
     c, _ = vtc_logits(ref, b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_index"])
     assert la.tolist()[:2] == [12 - 1 + 4, 7 - 1 + 4]  # pooled 4x4 -> 2x2 visual tokens
     assert torch.equal(a, c)
+    # projector.frame_embeddings on a released LLaVA: a new table of that size, trained with the projector
+    fe = compose(f"model.init_from={dirs['hf']}", "projector.frame_embeddings=4")
+    resolve_init_from(fe)
+    assert build_lmm(fe, load_tokenizer(fe.llm.tokenizer_path)).frame_embedding.num_embeddings == 4
     with pytest.raises(ConfigError, match="compressor.stride"):  # compressor checks use the loaded geometry
         check_config(resolve_init_from(compose(f"model.init_from={dirs['hf']}", "compressor=pool",
                                                "compressor.stride=3")))

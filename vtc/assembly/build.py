@@ -29,8 +29,7 @@ def build_lmm(cfg: DictConfig, tokenizer, training: bool = False) -> LMM:
         model = build_lmm_from_cfg(cfg, tokenizer)
         n = int(cfg.projector.get("frame_embeddings") or 0)
         if n:  # a released LLaVA has none: a new one, fine-tuned with the projector
-            model.frame_embedding = torch.nn.Embedding(n, model.llm.hidden_size)
-            torch.nn.init.normal_(model.frame_embedding.weight, std=0.02)
+            model.add_frame_embedding_table(n)
         if added is not None:
             model.stage_compressor = added
             model.pipeline.check(model.encoder.info, model.llm.num_layers)
