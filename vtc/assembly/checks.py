@@ -88,7 +88,14 @@ def check_generate(cfg: DictConfig) -> None:
         raise ConfigError("data.generate.train_readout",
                           f"must be in 0..{turns - 1} (readouts are follow-up rounds of the "
                           f"data.generate.train_turns={turns} rounds), got {readout}")
+
+
+def check_frame_embeddings(cfg: DictConfig) -> None:
+    """``projector.frame_embeddings``: an integer >= 0, and no fewer than a synthetic video set's frames."""
     n = OmegaConf.select(cfg, "projector.frame_embeddings") or 0
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError("projector.frame_embeddings", f"must be an integer >= 0 (frames a video may have), got {n!r}")
+    gen = OmegaConf.select(cfg, "data.generate") or {}
     if gen.get("kind") == "video" and n and gen.get("frames", 0) > n:
         raise ConfigError("projector.frame_embeddings", f"embeds {n} frame indices, but the clips have "
                           f"data.generate.frames={gen.get('frames')}; set projector.frame_embeddings="
@@ -108,9 +115,7 @@ def check_config(cfg: DictConfig, training: bool = True) -> tuple[EncoderInfo, i
             f"set data.image_size={info.image_size}",
         )
     check_data_paths(cfg)
-    n = OmegaConf.select(cfg, "projector.frame_embeddings") or 0
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ConfigError("projector.frame_embeddings", f"must be an integer >= 0 (frames a video may have), got {n!r}")
+    check_frame_embeddings(cfg)
     check_generate(cfg)
     check_data_requirements(cfg, training)
     if "compile_llm" in cfg:

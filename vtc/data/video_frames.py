@@ -97,9 +97,10 @@ def segment_indices(n: int, fps: float | None, max_frame: int, bound=None, first
     (the notebook would read out of range) takes its last frames."""
     if bound is not None and not fps:
         raise VideoError(NO_FRAME_RATE, f"a start/end bound {list(bound)} needs the frame rate, which the video lacks")
-    start, end = (bound[0], bound[1]) if bound is not None else (-100000, 100000)
-    start_idx = max(first_idx, round(start * fps)) if bound is not None else first_idx
-    end_idx = min(round(end * fps), max_frame) if bound is not None else max_frame
+    start_idx, end_idx = first_idx, max_frame  # no bound: the notebook's (-100000, 100000) s clip to these
+    if bound is not None:
+        start_idx = max(first_idx, round(bound[0] * fps))
+        end_idx = min(round(bound[1] * fps), max_frame)
     seg = float(end_idx - start_idx) / n
     return [min(max(int(start_idx + seg / 2 + np.round(seg * i)), first_idx), max_frame) for i in range(n)]
 
