@@ -15,6 +15,7 @@ from torch import nn
 
 from vtc.compressors.base import Compressor, NoCompression
 from vtc.compressors.chain import Pipeline
+from vtc.cost.accounting import linear_chain_dims
 from vtc.data.batch import IGNORE_INDEX, ITEM_VIDEO
 from vtc.data.collate import frames_per_sample, items_from_image_index, visual_items
 from vtc.errors import ConfigError
@@ -78,8 +79,11 @@ class LMM(nn.Module):
         if pipeline.owns_projection:
             self.projector = nn.Identity()
         else:
-            in_dim = pre.output_dim(encoder.info.hidden_size) if pre is not None else encoder.info.hidden_size
+            before = pre is not None and not pre.after_projector
+            in_dim = pre.output_dim(encoder.info.hidden_size) if before else encoder.info.hidden_size
             self.projector = build_projector(projector, in_dim, llm.hidden_size)
+            if pre is not None and pre.after_projector:
+                pre.projector_dims = linear_chain_dims(self.projector)
         self.projector_kind = projector
         # Trained with the projector (``part_modules``): it maps frame features into the LLM, with their time.
         self.frame_embedding = None
@@ -121,6 +125,8 @@ class LMM(nn.Module):
             enc = self.encoder(pixel_values, keep_states=tuple(extra), vision_compressor=vision_comp)
         enc.encoder = self.encoder
         feats = enc.features
+        if pre is not None and pre.after_projector:  # M3: pool the projected tokens
+            return pre(self.projector(feats.to(self.projector_dtype)), enc)
         if pre is not None:
             feats = pre(feats, enc)
         if isinstance(feats, (list, tuple)):

@@ -21,8 +21,8 @@ def spy(comp):
     seen = {}
     orig = comp.compress
 
-    def wrapped(state, i, layer):
-        out = orig(state, i, layer)
+    def wrapped(state, at):
+        out = orig(state, at)
         seen["in"], seen["out"] = state, out
         return out
 
@@ -30,19 +30,31 @@ def spy(comp):
     return seen
 
 
-def reference_keep(model, s, K, ratio, p_img, p_txt) -> set[int]:
-    """Independent DART on one unpadded sample: returns the kept image token indices."""
+def reference_keep(model, s, K, ratio, p_img, p_txt, score_at="previous", budget_rule="exact") -> set[int]:
+    """Independent DART on one unpadded sample: returns the kept image token indices. Keys are
+    captured from k_proj in a plain HF forward (layer K-1's for score_at=previous, K's for
+    current) with RoPE from the model's own rotary embedding; features are layer K's input through
+    the final norm (previous) or layer K's input_layernorm output (current)."""
     st = model.build_sequence(s["input_ids"], s["attention_mask"], s["labels"], s["pixel_values"], s["image_index"])
+    previous = score_at == "previous" and K > 0
     layer = model.llm.layers[K]
+    key_layer = model.llm.layers[K - 1] if previous else layer
     cap = {}
-    h1 = layer.input_layernorm.register_forward_hook(lambda m, a, o: cap.setdefault("x", o))
-    h2 = layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: cap.setdefault("k", o))
+    hooks = [key_layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: cap.setdefault("k", o))]
+    if previous:
+        def grab_input(module, args, kwargs):
+            cap.setdefault("h", args[0] if args else kwargs["hidden_states"])
+
+        hooks.append(layer.register_forward_pre_hook(grab_input, with_kwargs=True))
+    else:
+        hooks.append(layer.input_layernorm.register_forward_hook(lambda m, a, o: cap.setdefault("x", o)))
     try:
         model.llm.model(inputs_embeds=st.hidden)
     finally:
-        h1.remove()
-        h2.remove()
-    x, k = cap["x"][0], cap["k"]
+        for h in hooks:
+            h.remove()
+    x = model.llm.decoder.norm(cap["h"])[0] if previous else cap["x"][0]
+    k = cap["k"]
     T = x.shape[0]
     hd = layer.self_attn.head_dim
     k = k.view(1, T, -1, hd).transpose(1, 2)
@@ -61,27 +73,35 @@ def reference_keep(model, s, K, ratio, p_img, p_txt) -> set[int]:
     budget = n_keep - len(img_piv)
     kept, left = set(img_piv), [t for t in image if t not in img_piv]
     for j, p in enumerate(pivots):
-        quota = budget // len(pivots) + (1 if j < budget % len(pivots) else 0)
+        if budget_rule == "released":  # their scripts: every pivot takes budget // (p_img + p_txt)
+            quota = n_keep // (p_img + p_txt)
+        else:
+            quota = budget // len(pivots) + (1 if j < budget % len(pivots) else 0)
         sims = {t: float(F.cosine_similarity(x[p], x[t], dim=0)) for t in left}
         take = sorted(left, key=lambda t: sims[t])[:quota]
         kept |= set(take)
         left = [t for t in left if t not in take]
-    assert len(kept) == n_keep
+    if budget_rule == "exact":
+        assert len(kept) == n_keep
     return kept
 
 
-@pytest.mark.parametrize("ratio,p_img,p_txt", [(0.25, 4, 4), (0.5, 2, 4)])
-def test_kept_tokens_match_independent_computation(ratio, p_img, p_txt):
-    comp = DART(layer=2, ratio=ratio, pivot_image=p_img, pivot_text=p_txt)
+@pytest.mark.parametrize("ratio,p_img,p_txt,score_at,rule", [(0.25, 4, 4, "previous", "exact"),
+                                                              (0.5, 2, 4, "previous", "exact"),
+                                                              (0.5, 2, 4, "current", "exact"),
+                                                              (0.5, 2, 2, "previous", "released")])
+def test_kept_tokens_match_independent_computation(ratio, p_img, p_txt, score_at, rule):
+    comp = DART(layer=2, ratio=ratio, pivot_image=p_img, pivot_text=p_txt, score_at=score_at, budget_rule=rule)
     model = tiny_lmm(comp)
-    with torch.no_grad():  # a trained norm weight, so that "which features" matters for the cosine
+    with torch.no_grad():  # trained norm weights, so that "which features" matters for the cosine
         model.llm.layers[2].input_layernorm.weight.uniform_(0.2, 2.0)
+        model.llm.decoder.norm.weight.uniform_(0.2, 2.0)
     rec = spy(comp)
     b = toy_batch()
     model(b)
     out, inp = rec["out"], rec["in"]
     for i in range(3):
-        expect = reference_keep(model, single(b, i), 2, ratio, p_img, p_txt)
+        expect = reference_keep(model, single(b, i), 2, ratio, p_img, p_txt, score_at, rule)
         m = int(out.lengths[i])
         kept = out.position_ids[i, :m][out.visual_mask[i, :m]].tolist()  # positions = indices alone
         assert set(kept) == expect and kept == sorted(kept)
@@ -89,8 +109,23 @@ def test_kept_tokens_match_independent_computation(ratio, p_img, p_txt):
         text = ~inp.visual_mask[i, :n]
         assert torch.equal(out.position_ids[i, :m][~out.visual_mask[i, :m]], inp.position_ids[i, :n][text])
         assert torch.equal(out.hidden[i, :m][~out.visual_mask[i, :m]], inp.hidden[i, :n][text])
-    n_keep = 16 - int(16 * ratio)
-    assert out.visual_counts().tolist() == [n_keep, n_keep, 0]
+    n_keep = comp.kept(16)
+    counts = out.visual_counts().tolist()
+    assert counts[2] == 0 and (counts[:2] == [n_keep, n_keep] or rule == "released")
+    assert n_keep == (16 - int(16 * ratio) if rule == "exact" else 2 + (8 // 4) * 4)
+
+
+def test_released_budget_rule_keeps_their_counts():
+    """Their scripts keep 4 + 8·(budget // 8): 68 / 132 / 196 for 64 / 128 / 192 of 576."""
+    for budget, kept in [(64, 68), (128, 132), (192, 196)]:
+        comp = DART(ratio=1 - budget / 576, budget_rule="released")
+        assert comp.kept(576) == kept and comp.tokens_per_layer(576, 32)[2] == kept
+    torch.manual_seed(0)
+    T = 600
+    feats = F.normalize(torch.randn(T, 16), dim=-1)
+    image, text = torch.arange(10, 586), torch.arange(586, 600)
+    kept = dart_select(feats, torch.rand(T), image, text, n_keep=128, budget_rule="released")
+    assert len(kept) == len(set(kept.tolist())) == 132
 
 
 def test_select_takes_the_least_similar_tokens():
@@ -118,7 +153,8 @@ def test_real_size_budget_is_exact():
 def test_check_and_knobs():
     DART().check(CLIP_L, 32)
     for kw, key in [(dict(ratio=1.0), "compressor.ratio"), (dict(layer=40), "compressor.layer"),
-                    (dict(pivot_image=0), "compressor.pivot_image")]:
+                    (dict(pivot_image=0), "compressor.pivot_image"), (dict(score_at="next"), "compressor.score_at"),
+                    (dict(budget_rule="paper"), "compressor.budget_rule")]:
         with pytest.raises(ConfigError) as e:
             DART(**kw).check(CLIP_L, 32)
         assert e.value.key == key
@@ -165,3 +201,23 @@ def test_same_seed_same_output_and_training_gradients():
     for name in ("projector", "llm"):
         grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_scoring_flops_are_counted_per_image():
+    comp = DART(layer=2, ratio=0.778)
+    comp.setup(CLIP_L, 4096)
+    assert comp.own_flops(576) == 2 * 576 * 4096 ** 2 + 2 * 8 * 576 * 4096
+    model = tiny_lmm(DART(1, 0.5))
+    assert model.pipeline.own_flops(16) == 2 * 16 * 32 ** 2 + 2 * 8 * 16 * 32
+    comp.set_knobs(layer=None)
+    assert comp.own_flops(576) == 0
+
+
+def test_an_image_query_token_is_kept_within_the_budget():
+    from tests.compressors.test_compressor_fastv import plain_batch
+
+    comp = DART(1, 0.9, pivot_image=1, pivot_text=1)
+    rec = spy(comp)
+    out = tiny_lmm(comp)(plain_batch())
+    st = rec["out"]
+    assert out.seen[1].tolist() == [2, 2] and bool(st.visual_mask[0, st.query_index[0]]) and torch.isfinite(out.loss)

@@ -20,8 +20,8 @@ def spy(comp):
     seen = {}
     orig = comp.compress
 
-    def wrapped(state, i, layer):
-        out = orig(state, i, layer)
+    def wrapped(state, at):
+        out = orig(state, at)
         seen["in"], seen["out"] = state, out
         return out
 
@@ -29,9 +29,9 @@ def spy(comp):
     return seen
 
 
-@pytest.fixture(scope="module")
-def setup():
-    comp = FastV(layer=2, ratio=0.5)
+@pytest.fixture(scope="module", params=["previous", "current"])
+def setup(request):
+    comp = FastV(layer=2, ratio=0.5, score_at=request.param)
     model = tiny_lmm(comp)
     rec = spy(comp)
     b = toy_batch()
@@ -62,10 +62,12 @@ def test_query_row_matches_full_eager_attention(setup):
 
 
 def test_kept_tokens_are_the_eager_top_half_with_positions_unchanged(setup):
+    """FastV's code ranks by layer K-1's map (score_at=previous); score_at=current by layer K's."""
     model, comp, b, rec, eager = setup
     out, inp = rec["out"], rec["in"]
+    K = 1 if comp.score_at == "previous" else 2
     for i in range(3):
-        ref, st = eager_row(model, eager, single(b, i), 2)
+        ref, st = eager_row(model, eager, single(b, i), K)
         vis = st.visual_mask[0].nonzero().squeeze(1)
         n_keep = len(vis) - len(vis) // 2
         expect = set(vis[ref[vis].topk(n_keep).indices].tolist()) if len(vis) else set()
@@ -103,7 +105,7 @@ def test_kept_count_is_n_minus_floor_rn():
 def test_check_and_knobs():
     FastV(2, 0.5).check(CLIP_L, 32)
     for kw, key in [(dict(ratio=1.0), "compressor.ratio"), (dict(ratio=-0.1), "compressor.ratio"),
-                    (dict(layer=32), "compressor.layer")]:
+                    (dict(layer=32), "compressor.layer"), (dict(score_at="layer"), "compressor.score_at")]:
         with pytest.raises(ConfigError) as e:
             FastV(**{"layer": 2, "ratio": 0.5, **kw}).check(CLIP_L, 32)
         assert e.value.key == key
@@ -185,3 +187,28 @@ def test_scores_work_with_fsdp2_sharded_layers(monkeypatch):
         assert out.loss.item() == pytest.approx(ref, abs=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def plain_batch() -> dict:
+    """The plain (pretraining) template: the caption follows the image directly, so the token that
+    predicts the first answer token, the query, is the image's last token."""
+    from tests.tiny import IMG
+
+    ids = torch.tensor([[1, IMG, 5, 6, 7], [1, IMG, 8, 9, 0]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 2:5], labels[1, 2:4] = ids[0, 2:5], ids[1, 2:4]
+    return dict(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels,
+                pixel_values=torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3)),
+                image_index=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_an_image_query_token_is_kept_within_the_budget(ratio):
+    comp = FastV(1, ratio)
+    rec = spy(comp)
+    model = tiny_lmm(comp)
+    out = model(plain_batch())
+    st, inp = rec["out"], rec["in"]
+    assert bool(inp.visual_mask[0, inp.query_index[0]])  # the query is an image token
+    assert out.seen[1].tolist() == [kept_count(16, ratio)] * 2
+    assert bool(st.visual_mask[0, st.query_index[0]]) and torch.isfinite(out.loss)

@@ -89,16 +89,36 @@ def test_training_loss_is_mean_of_per_scale_losses():
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(g_joint, model.projector.parameters()))
 
 
-def test_outputs_equal_pooled_encoder_features():
-    comp = Matryoshka()
+@pytest.mark.parametrize("pool_at", ["projected", "features"])
+def test_outputs_pool_the_projected_tokens_or_the_features(pool_at):
+    """Their code pools the projector's output (projected, the default); ``features`` pools before it."""
+    comp = Matryoshka(pool_at=pool_at)
     model = tiny_lmm(comp)
     pv = toy_batch()["pixel_values"]
     feats = model.encoder(pv).features
     for t in (16, 4, 1):
         comp.set_knobs(tokens=t)
         s = math.isqrt(t)
-        expect = model.projector(window_means(feats, 4, s))
-        assert torch.allclose(model.encode_images(pv), expect, atol=1e-5)
+        after = window_means(model.projector(feats), 4, s)
+        before = model.projector(window_means(feats, 4, s))
+        got = model.encode_images(pv)
+        assert torch.allclose(got, after if pool_at == "projected" else before, atol=1e-5)
+        if t < 16:  # the projector's GELU makes the two orders differ
+            assert not torch.allclose(after, before, atol=1e-4)
+    assert model.projector[0].in_features == 32  # the projector reads CLIP's width either way
+
+
+def test_own_flops_count_the_projector_on_the_pooled_away_patches():
+    comp = Matryoshka(tokens=144)
+    comp.check(CLIP_L, 32)
+    comp.projector_dims = [1024, 4096, 4096]  # LLaVA-1.5's mlp2x_gelu, as the LMM sets it
+    assert comp.own_flops(576) == 2 * (576 - 144) * (1024 * 4096 + 4096 * 4096)
+    assert Matryoshka(tokens=144, pool_at="features").own_flops(576) == 0
+    model = tiny_lmm(Matryoshka(tokens=4))
+    assert model.compressor.projector_dims == [32, 32, 32]
+    with pytest.raises(ConfigError) as e:
+        Matryoshka(pool_at="llm").check(CLIP_L, 32)
+    assert e.value.key == "compressor.pool_at"
 
 
 def test_same_seed_batch_independence_training_generation():

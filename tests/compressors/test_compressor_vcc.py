@@ -11,6 +11,7 @@ from vtc.compressors.vcc import VisualContextCompressor, pool_visual
 from vtc.errors import ConfigError
 from vtc.cost.schedules import llavolta_cr
 from vtc.model.encoder import EncoderInfo
+from vtc.model.sequence import LayerContext
 from tests.tiny import single, tiny_lmm, toy_batch
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
@@ -21,8 +22,8 @@ def spy(comp):
     seen = {}
     orig = comp.compress
 
-    def wrapped(state, i, layer):
-        out = orig(state, i, layer)
+    def wrapped(state, at):
+        out = orig(state, at)
         seen["in"], seen["out"] = state, out
         return out
 
@@ -54,7 +55,7 @@ def test_compress_pools_each_sample_and_leaves_text_alone():
     st = model.build_sequence(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], b["image_index"])
     # Shift sample 1's positions to make the position pooling visible (ids 5.. instead of 0..).
     st = replace(st, position_ids=st.position_ids + 5 * st.attention_mask)
-    out = model.compressor.compress(st, 0, model.llm.layers[0])
+    out = model.compressor.compress(st, LayerContext(0, model.llm.layers[0]))
     for i in range(3):
         n = int(st.lengths[i])
         vis = st.visual_mask[i, :n]

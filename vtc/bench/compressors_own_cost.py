@@ -24,13 +24,13 @@ from vtc.bench import common as C
 
 @contextmanager
 def capture_llm_state(comp):
-    """Record the (state, layer index, layer) an in-LLM compressor is handed."""
+    """Record the (state, layer context) an in-LLM compressor is handed."""
     seen = []
     orig = comp.compress
 
-    def wrapped(state, idx, layer):
-        seen.append((state, idx, layer))
-        return orig(state, idx, layer)
+    def wrapped(state, at):
+        seen.append((state, at))
+        return orig(state, at)
 
     comp.compress = wrapped
     try:
@@ -105,18 +105,18 @@ def own_cost_fn(model, batch):
     if comp.site == "llm":
         with capture_llm_state(comp) as seen, torch.no_grad():
             model._forward_once(batch)
-        state, idx, layer = seen[0]
+        state, at = seen[0]
 
         def call():
             st = state.with_hidden(state.hidden.detach().clone().requires_grad_(True))
 
             def fwd_bwd():
-                out = comp.compress(st, idx, layer)
+                out = comp.compress(st, at)
                 torch.autograd.backward(out.hidden, cotangent(out.hidden))
 
             return C.timed(fwd_bwd)
 
-        return call, f"compress(state, K={idx}, layer) fwd + bwd", {}
+        return call, f"compress(state, K={at.index}) fwd + bwd", {}
 
     if comp.site == "vision":
         merge_time = [0.0]

@@ -103,8 +103,8 @@ class Compressor(nn.Module):
 
     def own_flops(self, n: int) -> float:
         """Forward FLOPs the method itself adds per image for ``n`` patch tokens, beyond the
-        encoder, projector and LLM (e.g. MBTF's per-token fusion MLP). Scoring passes of in-LLM
-        methods are not counted (a few percent of one layer)."""
+        encoder, projector and LLM (e.g. MBTF's per-token fusion MLP, a score's recomputed
+        attention row). For an in-LLM method ``n`` is the visual tokens entering the LLM."""
         return 0.0
 
     def describe(self) -> str:
@@ -117,6 +117,14 @@ class PreLLMCompressor(Compressor):
     #: hidden-state indices (HF convention, negative allowed) the method needs besides the
     #: selected layer (MBTF's extra blocks).
     extra_layers: ClassVar[tuple[int, ...]] = ()
+    #: True when the method acts on the projected tokens (M3's official code pools after the
+    #: projector): the LMM projects every patch first, then hands the result to ``forward``; the
+    #: projector then runs on all patches, which the method counts in ``own_flops``. Such a method
+    #: keeps the width (``output_dim`` is the identity).
+    after_projector: bool = False
+    #: the projector's linear widths (``vtc.cost.accounting.linear_chain_dims``), set by the LMM for
+    #: methods that act after it.
+    projector_dims: list[int] | None = None
 
     def forward(self, features: torch.Tensor, enc) -> torch.Tensor:  # pragma: no cover - abstract
         """features [B, N, C] (CLS dropped), ``enc`` the EncoderOutput (grid, states, cls) plus
@@ -131,6 +139,10 @@ class LLMCompressor(Compressor):
     def __init__(self, layer: int | None = 2):
         super().__init__()
         self.layer = layer
+        self.llm_hidden = 0  # set by setup(); scoring FLOPs are counted at this width
+
+    def setup(self, encoder: EncoderInfo, llm_hidden: int) -> None:
+        self.llm_hidden = llm_hidden
 
     def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
         """``layer`` is an LLM layer index, or null (no compression: a schedule's off stage)."""
@@ -158,7 +170,10 @@ class LLMCompressor(Compressor):
         k = min(self.layer, num_layers)
         return [n] * k + [self.kept(n)] * (num_layers - k)
 
-    def compress(self, state, layer_idx: int, layer: nn.Module):  # pragma: no cover - abstract
+    def compress(self, state, at):  # pragma: no cover - abstract
+        """``state`` (a ``SeqState``) entering decoder layer ``at.index``; ``at`` the
+        ``vtc.model.sequence.LayerContext`` (that layer, the previous one and its input, the final
+        norm). Returns the compressed state."""
         raise NotImplementedError
 
 
@@ -194,6 +209,13 @@ class RatioPruner(LLMCompressor):
 
     def kept(self, n: int) -> int:
         return kept_count(n, self.ratio)
+
+    def own_flops(self, n: int) -> float:
+        """The score's recomputation per image, ``n`` visual tokens at width d: their keys
+        (2·n·d², counted at the full width: an upper bound under GQA) and one query row against them
+        (2·n·d over all heads); the few text tokens' keys and the query's projection are left out."""
+        d = self.llm_hidden
+        return 2.0 * n * d * d + 2.0 * n * d if self.compressing() else 0.0
 
 
 class NoCompression(Compressor):

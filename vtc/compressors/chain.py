@@ -207,14 +207,16 @@ class Pipeline:
         return m.tokens_per_layer(n_in_llm, num_layers) if m is not None else [n_in_llm] * num_layers
 
     def own_flops(self, n: int) -> float:
-        """Forward FLOPs the members add per image beyond encoder, projector and LLM."""
+        """Forward FLOPs the members add per image beyond encoder, projector and LLM (an in-LLM
+        member's scoring included, for the visual tokens entering the LLM)."""
         total, cur = 0.0, n
         for site in ("vision", "pre_llm"):
             m = self.active(site)
             if m is not None:
                 total += m.own_flops(cur)
                 cur = m.tokens_out(cur)
-        return total
+        llm = self.active("llm")
+        return total + (llm.own_flops(cur) if llm is not None else 0.0)
 
     def encoder_tokens(self, n: int):
         m = self.active("vision")

@@ -14,15 +14,20 @@ and the top ``n − floor(R·n)`` image tokens (n visual tokens of the sample, R
 kept; every text token is kept. Paper defaults: K = 2, R = 50% (576 -> 288 tokens); the count is
 ``ceil((1 − R)·n)``, the same as ``vtc.cost.schedules.fastv_visual_tokens_per_layer``.
 
-Where the score comes from. FastV takes the attention map that layer K−1 already computed (it
-runs that layer with ``output_attentions=True``), then prunes the input of layer K. We cannot ask
-for layer K−1's map without an eager, N x N attention; instead we recompute just the one row
-needed at the input of layer K with layer K's own weights: RMSNorm (``input_layernorm``), q_proj
-of the query token and k_proj of every token, RoPE at each token's position, softmax over the
-query's causal, unpadded keys. Both read the same hidden states (layer K−1's output); ours scores
-them with the layer that will consume them, and the cost is one query row (O(T·d)) instead of a
-full map, so SDPA / flash-attention stay on everywhere. GQA: key heads are repeated to the query
-heads before the head average, as the model's attention does.
+Where the score comes from (``score_at``). FastV's code runs layer K−1 with
+``output_attentions=True`` and ranks the image tokens by that layer's map: the query is layer K−1's
+RMS-normalised input projected by its q_proj, the keys its k_proj of every token, RoPE at each
+token's position (LightCompress's port, ``fastv.py``, does the same with a pre-hook on block K−1).
+vtc does not ask for the map (an eager T x T attention); it recomputes the one row needed from the
+state layer K−1 consumed (``LayerContext.previous_input``) with layer K−1's weights, softmax over
+the query's causal, unpadded keys — the same numbers, while SDPA / flash-attention stay on:
+ - ``score_at: previous`` (default): layer K−1's row, as FastV's code;
+ - ``score_at: current``: the row layer K itself would compute on its input (layer K−1's output),
+   vtc's earlier rule, kept as a named option; the two differ (other weights, other hidden states).
+K = 0 has no official counterpart (there is no layer before the first): both settings score the
+input embeddings with layer 0's weights, i.e. "prune before the LLM by layer 0's attention".
+GQA: key heads are repeated to the query heads before the head average, as the model's attention
+does.
 
 The query is ``SeqState.query_index``: the last instruction token (the token that predicts the
 first answer token in training, the last prompt token in generation), so no answer token ever
@@ -41,8 +46,9 @@ import torch
 from torch import nn
 
 from vtc.compressors.base import RatioPruner, kept_count  # noqa: F401  (kept_count re-exported)
-from vtc.model.encoder import unshard_for_read
-from vtc.model.sequence import SeqState
+from vtc.errors import ConfigError
+from vtc.model.encoder import reshard_after_read, unshard_for_read
+from vtc.model.sequence import LayerContext, SeqState
 
 
 # -- recomputing what a decoder layer's attention would see ---------------------------------------
@@ -126,15 +132,52 @@ def query_attention(state: SeqState, layer: nn.Module) -> torch.Tensor:
     return scores.softmax(-1).mean(1)
 
 
+SCORE_AT = ("previous", "current")
+
+
+def scoring_site(state: SeqState, at: LayerContext, score_at: str) -> tuple[SeqState, nn.Module]:
+    """(state, layer) a score is recomputed from: the input and weights of layer K−1
+    (``previous``; layer 0 itself at K = 0) or of layer K (``current``). Both states hold the same
+    tokens: nothing changes the sequence between layer K−1 and layer K's compressor."""
+    if score_at == "previous" and at.previous_layer is not None:
+        prev = at.previous_input
+        if prev.hidden.shape[:2] != state.hidden.shape[:2]:
+            raise RuntimeError("layer K-1 consumed another token layout than layer K receives")
+        return prev, at.previous_layer
+    return state, at.layer
+
+
+def check_score_at(value) -> None:
+    if value not in SCORE_AT:
+        raise ConfigError("compressor.score_at", f"must be one of {list(SCORE_AT)} (previous: layer K-1's attention, "
+                          f"the released code's rule; current: layer K's), got {value!r}")
+
+
 class FastV(RatioPruner):
     """Knobs ``layer`` (K) and ``ratio`` (R); counts and checks come from ``RatioPruner``."""
 
-    def scores(self, state: SeqState, layer: nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return query_attention(state, layer)
+    def __init__(self, layer: int | None = 2, ratio: float = 0.5, score_at: str = "previous"):
+        super().__init__(layer, ratio)
+        self.score_at = score_at
 
-    def compress(self, state: SeqState, layer_idx: int, layer: nn.Module) -> SeqState:
-        att = self.scores(state, layer)
+    def check(self, encoder, llm_layers: int) -> None:
+        check_score_at(self.score_at)
+        super().check(encoder, llm_layers)
+
+    def scores(self, state: SeqState, at: LayerContext) -> torch.Tensor:
+        st, layer = scoring_site(state, at, self.score_at)
+        try:
+            with torch.no_grad():
+                return query_attention(st, layer)
+        finally:
+            if layer is at.previous_layer:
+                reshard_after_read(layer)
+
+    def compress(self, state: SeqState, at: LayerContext) -> SeqState:
+        att = self.scores(state, at)
+        # The query is kept, and counts toward the budget, when it is itself an image token (the
+        # plain template's caption follows the image directly): it must predict the answer.
+        att[torch.arange(att.shape[0], device=att.device), state.query_index] = float("inf")
         real = state.attention_mask.bool()
         vis = state.visual_mask & real
         keep = real & ~vis

@@ -18,6 +18,15 @@ the grid is exact ``pool_grid`` (non-overlapping windows); one that does not (13
 ``adaptive_avg_pool2d`` (windows ⌊i·g/s⌋..⌈(i+1)·g/s⌉, slightly overlapping). ``scales`` may
 also list token counts explicitly (perfect squares, side <= g).
 
+Where it pools (``pool_at``). Their released code (matryoshka-mm, ``llava_arch.py``,
+``encode_images``) runs the projector on all 576 CLIP tokens and average-pools the projected
+tokens; with the projector's GELU between its two linears, pooling before or after it gives other
+values, so only ``projected`` can evaluate their released checkpoints:
+ - ``projected`` (default): pool the projector's output (the projector runs on every patch; that
+   extra cost, the projector on the ``n − tokens`` patches the LLM never sees, is ``own_flops``);
+ - ``features``: pool the CLIP features before the projector (vtc's earlier rule, a multi-scale
+   pooling baseline with a cheaper projector), kept as a named option.
+
 Knob ``tokens``: the scale used outside training; ``null`` = the full grid (M3's 576, the
 uncompressed model). A curriculum may set it per stage.
 """
@@ -31,10 +40,12 @@ import torch.nn.functional as F
 
 from vtc.compressors.base import PreLLMCompressor
 from vtc.compressors.pool import pool_grid
+from vtc.cost.macs import projector_macs
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
 
 PAPER_SCALES = (576, 144, 36, 9, 1)
+POOL_AT = ("projected", "features")
 
 
 def default_sides(grid: int) -> list[int]:
@@ -61,9 +72,11 @@ def pool_to(features: torch.Tensor, grid: tuple[int, int], side: int) -> torch.T
 class Matryoshka(PreLLMCompressor):
     knobs: ClassVar[tuple[str, ...]] = ("tokens",)
 
-    def __init__(self, tokens: int | None = None, scales=None):
+    def __init__(self, tokens: int | None = None, scales=None, pool_at: str = "projected"):
         super().__init__()
         self.tokens = tokens
+        self.pool_at = pool_at
+        self.after_projector = pool_at == "projected"
         self.scales = None if scales is None else [int(t) for t in scales]
         self._grid: int | None = None
 
@@ -74,6 +87,9 @@ class Matryoshka(PreLLMCompressor):
         return sorted(set(self.scales), reverse=True)
 
     def check(self, encoder: EncoderInfo, llm_layers: int) -> None:
+        if self.pool_at not in POOL_AT:
+            raise ConfigError("compressor.pool_at", f"must be one of {list(POOL_AT)} (projected: their released code, "
+                              f"pooling the projector's output; features: the CLIP features), got {self.pool_at!r}")
         g = encoder.grid
         scales = self.resolve_scales(g)
         for t in scales:
@@ -101,6 +117,13 @@ class Matryoshka(PreLLMCompressor):
 
     def tokens_out(self, n: int) -> int:
         return n if self.tokens is None else self.tokens
+
+    def own_flops(self, n: int) -> float:
+        """Pooling after the projector: the projector's FLOPs on the ``n − tokens`` patches pooled
+        away, which the accounting (projector on the tokens entering the LLM) does not see."""
+        if not self.after_projector or self.tokens is None or not self.projector_dims:
+            return 0.0
+        return 2.0 * projector_macs(n - self.tokens_out(n), self.projector_dims)
 
     def budget_knobs(self, tokens: int, n: int, encoder: EncoderInfo) -> dict:
         raise ConfigError("schedule", "M3 trains every nested scale in every step, so a stage cannot change what it "

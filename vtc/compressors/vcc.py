@@ -38,7 +38,7 @@ from torch import nn
 
 from vtc.compressors.base import LLMCompressor
 from vtc.errors import ConfigError
-from vtc.model.sequence import SeqState
+from vtc.model.sequence import LayerContext, SeqState
 
 
 def pool_visual(hidden: torch.Tensor, positions: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ class VisualContextCompressor(LLMCompressor):
         return super().describe()
 
     # -- the operator ----------------------------------------------------------------------------
-    def compress(self, state: SeqState, layer_idx: int, layer: nn.Module) -> SeqState:
+    def compress(self, state: SeqState, at: LayerContext) -> SeqState:
         if self.stride <= 1:
             return state
         visual, positions = [], []

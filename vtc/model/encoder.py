@@ -121,6 +121,14 @@ def unshard_for_read(module: nn.Module) -> None:
         unshard()
 
 
+def reshard_after_read(module: nn.Module) -> None:
+    """Give back what ``unshard_for_read`` gathered, for a module whose forward has already run
+    this pass (layer K−1, read by FastV / DART after it ran): nothing else would reshard it."""
+    reshard = getattr(module, "reshard", None)
+    if callable(reshard):
+        reshard()
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, model: nn.Module, select_layer: int = -2):
         super().__init__()

@@ -19,7 +19,7 @@ from torch import nn
 
 from vtc.errors import ConfigError
 from vtc.model.compile import CompiledLayers
-from vtc.model.sequence import SeqState
+from vtc.model.sequence import LayerContext, SeqState
 
 
 def resolve_attn_implementation(choice: str, device: torch.device | str | None = None) -> str:
@@ -135,10 +135,13 @@ class LanguageModel(nn.Module):
         segment_masks: list[torch.Tensor] = []
         mask4d = None
         seg = -1
+        previous = None  # the state the previous layer consumed (FastV / DART score layer K-1)
         for i, (layer, forward) in enumerate(zip(self.layers, forwards)):
             if compressor is not None and getattr(compressor, "site", None) == "llm" and compressor.applies_at(i):
                 if past_mask is None:  # training / prefill; decode steps reuse the compressed cache
-                    state = compressor.compress(state, i, layer)
+                    at = LayerContext(index=i, layer=layer, previous_layer=self.layers[i - 1] if i else None,
+                                      previous_input=previous, final_norm=self.decoder.norm)
+                    state = compressor.compress(state, at)
                 mask4d = None  # a new segment of layers starts here, with its own key mask
             if mask4d is None:
                 seg += 1
@@ -165,6 +168,7 @@ class LanguageModel(nn.Module):
             )
             if isinstance(hidden, tuple):  # older decoder layers return tuples
                 hidden = hidden[0]
+            previous = state
             state = state.with_hidden(hidden)
             seen.append(state.visual_counts())
         state = state.with_hidden(self.decoder.norm(state.hidden))

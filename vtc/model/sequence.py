@@ -109,3 +109,20 @@ class SeqState:
 
     def with_hidden(self, hidden: torch.Tensor) -> "SeqState":
         return replace(self, hidden=hidden)
+
+
+@dataclass
+class LayerContext:
+    """What an in-LLM compressor acting before decoder layer ``index`` may read.
+
+    ``previous_input`` is the state decoder layer ``index - 1`` consumed (its hidden states are that
+    layer's input; tokens, mask and positions are those it attended over): FastV's attention map and
+    DART's pivot keys are layer K-1's, recomputed from it. Both are None before layer 0.
+    ``final_norm`` is the decoder's last norm (DART normalises its similarity features with it).
+    """
+
+    index: int
+    layer: "torch.nn.Module"
+    previous_layer: "torch.nn.Module | None" = None
+    previous_input: SeqState | None = None
+    final_norm: "torch.nn.Module | None" = None
