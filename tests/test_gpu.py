@@ -54,17 +54,22 @@ def flash_available() -> bool:
 def _compressors() -> dict:
     """Each shipped compressor at the tiny-model settings of its own test file (the defaults are
     sized for 576 patches; the tiny encoder has 16). Values: (factory, tiny_lmm keyword args)."""
+    from vtc.compressors.cdpruner import CDPruner
     from vtc.compressors.dart import DART
+    from vtc.compressors.divprune import DivPrune
     from vtc.compressors.fastv import FastV
     from vtc.compressors.m3 import Matryoshka
     from vtc.compressors.pool import AvgPool2d
     from vtc.compressors.prumerge_plus import PruMergePlus
+    from vtc.compressors.pyramid_drop import PyramidDrop
     from vtc.compressors.random_prune import RandomPrune
+    from vtc.compressors.sparsevlm import SparseVLM
     from vtc.compressors.stf import SpatialTokenFusion
     from vtc.compressors.stf_mbtf import STFMultiBlock
     from vtc.compressors.tome import ToMe
     from vtc.compressors.vcc import VisualContextCompressor
     from vtc.compressors.visionzip import VisionZip
+    from vtc.compressors.vispruner import VisPruner
 
     return {
         "none": (lambda: None, {}),
@@ -81,11 +86,16 @@ def _compressors() -> dict:
         "fastv": (lambda: FastV(layer=1, ratio=0.5), {}),
         "dart": (lambda: DART(1, 0.5), {}),
         "random_prune": (lambda: RandomPrune(keep=8), {}),
+        "divprune": (lambda: DivPrune(keep=16), {"image_size": 112}),
+        "vispruner": (lambda: VisPruner(keep=16), {"image_size": 112}),
+        "cdpruner": (lambda: CDPruner(layer=0, keep=8), {}),
+        "pyramid_drop": (lambda: PyramidDrop(layers=[1, 2], ratio=0.5), {}),
+        "sparsevlm": (lambda: SparseVLM(layers=[1, 2], keep=[0.25, 0.125]), {"image_size": 112}),
     }
 
 
 COMPRESSORS = ["none", "pool", "stf", "stf_mbtf", "m3", "visionzip", "prumerge_plus", "tome", "vcc", "fastv", "dart",
-               "random_prune"]
+               "random_prune", "divprune", "vispruner", "cdpruner", "pyramid_drop", "sparsevlm"]
 
 
 def test_every_compressor_config_is_covered():

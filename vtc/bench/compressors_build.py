@@ -18,7 +18,7 @@ from vtc.bench import common as C
 def compressor_for(name: str, s: C.Sizes):
     if name == "m3":  # test-time scale 25% of the grid; training still runs every scale
         return C.load_compressor("m3", tokens=s.num_patches // 4)
-    if name == "random_prune":  # 25% of the grid, as pool stride 2 keeps
+    if name in ("random_prune", "divprune", "vispruner", "cdpruner"):  # 25% of the grid, as pool stride 2 keeps
         return C.load_compressor(name, keep=s.num_patches // 4)
     return C.load_compressor(name)
 
