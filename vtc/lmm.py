@@ -70,8 +70,8 @@ class LMM(nn.Module):
         self.stage_compressor = stage_compressor
         pipeline = self.pipeline  # refuses two members at one site
         pipeline.check(encoder.info, llm.num_layers)
-        for member in pipeline.members():
-            member.setup(encoder.info, llm.hidden_size)
+        for site, member in pipeline.by_site.items():  # after a downsampling, the smaller patch grid
+            member.setup(encoder.info if site == "image" else pipeline.encoder_info(encoder.info), llm.hidden_size)
         if stage_compressor is not None and (list(stage_compressor.parameters()) or list(stage_compressor.buffers())):
             raise ValueError(f"schedule.adds: {type(stage_compressor).__name__} has parameters; a schedule may only "
                              "add a parameter-free compressor (it is absent from the deployed model)")
@@ -118,7 +118,9 @@ class LMM(nn.Module):
         each element is projected (the projector is per token: one call on the concatenation,
         split back) and the list of [V_i, d_llm] goes to the splice, which reads ``visual[i]``."""
         pipeline = self.pipeline
-        vision_comp, pre = pipeline.active("vision"), pipeline.active("pre_llm")
+        vision_comp, pre, image = pipeline.active("vision"), pipeline.active("pre_llm"), pipeline.active("image")
+        if image is not None:  # downsampling: the tower sees a smaller image
+            pixel_values = image(pixel_values, self.encoder.info.patch_size)
         extra = pipeline.extra_layers()
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(need_grad):

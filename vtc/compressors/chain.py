@@ -1,6 +1,7 @@
 """Composition: at most one compressor per site, applied in the data's order.
 
-A run's visual tokens pass three sites in turn: inside the vision encoder (``vision``: ToMe),
+A run's visual tokens pass the sites in turn: the pixels before the encoder (``image``:
+downsampling), inside the vision encoder (``vision``: ToMe),
 between the encoder and the projector (``pre_llm``: pooling, STF, VisionZip, ...) and inside the
 LLM before decoder layer K (``llm``: LLaVolta's 1-D pooling, FastV, DART). ``Chain`` is the config
 form of several members (``conf/compressor/stf_vcc.yaml``)::
@@ -23,7 +24,7 @@ from typing import ClassVar
 from vtc.compressors.base import Compressor
 from vtc.errors import ConfigError
 
-SITES = ("vision", "pre_llm", "temporal", "llm")  # the data's order: per frame, per video, in the LLM
+SITES = ("image", "vision", "pre_llm", "temporal", "llm")  # the data's order: pixels, per frame, per video, in the LLM
 
 
 def _site_of(member) -> str:
@@ -38,9 +39,10 @@ class Chain(Compressor):
     site: ClassVar[str] = "chain"
 
     def __init__(self, vision: Compressor | None = None, pre_llm: Compressor | None = None,
-                 llm: Compressor | None = None, temporal: Compressor | None = None):
+                 llm: Compressor | None = None, temporal: Compressor | None = None, image: Compressor | None = None):
         super().__init__()
-        for site, member in (("vision", vision), ("pre_llm", pre_llm), ("temporal", temporal), ("llm", llm)):
+        for site, member in (("image", image), ("vision", vision), ("pre_llm", pre_llm), ("temporal", temporal),
+                             ("llm", llm)):
             if member is None:
                 continue
             if isinstance(member, Chain):
@@ -50,7 +52,7 @@ class Chain(Compressor):
                                   f"{member.site!r}, not {site!r}; put it under compressor.{_site_of(member)}")
             self.add_module(site, member)
         if not self.members():
-            raise ConfigError("compressor", "a Chain needs at least one of vision, pre_llm, temporal, llm")
+            raise ConfigError("compressor", "a Chain needs at least one of image, vision, pre_llm, temporal, llm")
 
     def members(self) -> dict[str, Compressor]:
         return {s: m for s, m in self.named_children() if s in SITES}
@@ -152,7 +154,7 @@ class Pipeline:
             if site in self.by_site:
                 raise ConfigError(key, f"{type(member).__name__} acts at site {site!r}, where "
                                   f"{self.keys[site]} already has {type(self.by_site[site]).__name__}: one compressor "
-                                  f"per site (vision, pre_llm, temporal, llm). {_hint(key)}")
+                                  f"per site (image, vision, pre_llm, temporal, llm). {_hint(key)}")
             self.keys[site] = key
             self.by_site[site] = member
 
@@ -168,12 +170,23 @@ class Pipeline:
         return m if m is not None and m.enabled else None
 
     # -- composition rules ------------------------------------------------------------------------
+    def encoder_info(self, encoder):
+        """The geometry the sites after ``image`` see: a downsampled image's smaller patch grid."""
+        image = self.active("image")
+        return image.shrunk(encoder) if image is not None else encoder
+
     def check(self, encoder, llm_layers: int) -> None:
         """Each member's own checks (under its config key), then what only a chain can get wrong."""
         for site in SITES:
             if site in self.by_site:
                 with rekeyed("compressor", self.keys[site]):
-                    self.by_site[site].check(encoder, llm_layers)
+                    self.by_site[site].check(encoder if site == "image" else self.encoder_info(encoder), llm_layers)
+        image, vision = self.by_site.get("image"), self.by_site.get("vision")
+        if image is not None and vision is not None:
+            raise ConfigError(self.keys["vision"], f"{type(vision).__name__} merges tokens on a schedule fixed for the "
+                              f"tower's full patch grid, but {type(image).__name__} ({self.keys['image']}) feeds it a "
+                              "smaller image; use one of the two, or a pre-LLM / in-LLM method after the downsampling")
+        encoder = self.encoder_info(encoder)
         vision, pre = self.by_site.get("vision"), self.by_site.get("pre_llm")
         if vision is not None:
             vision.setup(encoder, 0)  # vision-site methods are parameter-free; ToMe counts from the geometry
@@ -196,7 +209,7 @@ class Pipeline:
     # -- counting ---------------------------------------------------------------------------------
     def tokens_in_llm(self, n: int) -> int:
         """Visual tokens entering the LLM for ``n`` patch tokens (nominal for data-dependent counts)."""
-        for site in ("vision", "pre_llm"):
+        for site in ("image", "vision", "pre_llm"):
             m = self.active(site)
             if m is not None:
                 n = m.tokens_out(n)
@@ -210,7 +223,7 @@ class Pipeline:
         """Forward FLOPs the members add per image beyond encoder, projector and LLM (an in-LLM
         member's scoring included, for the visual tokens entering the LLM)."""
         total, cur = 0.0, n
-        for site in ("vision", "pre_llm"):
+        for site in ("image", "vision", "pre_llm"):
             m = self.active(site)
             if m is not None:
                 total += m.own_flops(cur)
@@ -219,8 +232,13 @@ class Pipeline:
         return total + (llm.own_flops(cur) if llm is not None else 0.0)
 
     def encoder_tokens(self, n: int):
-        m = self.active("vision")
-        return m.encoder_tokens(n) if m is not None else None
+        """Per run encoder block, (attention, MLP) tokens when a member shrinks the tower's input
+        (downsampling) or merges inside it (ToMe); None: the full tower."""
+        for site in ("image", "vision"):
+            m = self.active(site)
+            if m is not None:
+                return m.encoder_tokens(n)
+        return None
 
     @property
     def owns_projection(self) -> bool:

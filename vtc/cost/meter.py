@@ -192,6 +192,7 @@ class CostMeter:
                 items = items if items.dim() == 2 else items_from_image_index(items)
                 rec.prefill_flops = batch_flops(self.shape, prompt["lengths"], vis, seen_cpu, None, trainable=None,
                                                 extra_per_image=model.pipeline.own_flops(info.num_patches),
+                                                vision_tokens_per_layer=model.pipeline.encoder_tokens(info.num_patches),
                                                 frames_per_sample=frames_per_sample(items.cpu(), B))
         return (tokens, seen), rec
 

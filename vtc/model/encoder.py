@@ -172,7 +172,10 @@ class VisionEncoder(nn.Module):
         return self.model.encoder.layers
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        h = self.model.embeddings(pixel_values.to(self.model.dtype))
+        """Patch + position embeddings; an image of another size than the tower's (downsampling)
+        reads the position embeddings interpolated to its patch grid."""
+        other_size = pixel_values.shape[-1] != self.info.image_size or pixel_values.shape[-2] != self.info.image_size
+        h = self.model.embeddings(pixel_values.to(self.model.dtype), interpolate_pos_encoding=other_size)
         if self.family == "clip":
             h = self.model.pre_layrnorm(h)
         return h
@@ -203,10 +206,11 @@ class VisionEncoder(nn.Module):
         out = states[sel]
         n_prefix = 1 if info.has_cls else 0
         merged = vision_compressor is not None
+        grid = (pixel_values.shape[-2] // info.patch_size, pixel_values.shape[-1] // info.patch_size)
         return EncoderOutput(
             features=out[:, n_prefix:],
             hidden_states=states,
-            grid=None if merged else (info.grid, info.grid),
+            grid=None if merged else grid,
             cls=out[:, 0] if info.has_cls else None,
         )
 
