@@ -57,6 +57,7 @@ def _compressors() -> dict:
     from vtc.compressors.cdpruner import CDPruner
     from vtc.compressors.dart import DART
     from vtc.compressors.divprune import DivPrune
+    from vtc.compressors.downsample import Downsample
     from vtc.compressors.fastv import FastV
     from vtc.compressors.m3 import Matryoshka
     from vtc.compressors.pool import AvgPool2d
@@ -70,6 +71,7 @@ def _compressors() -> dict:
     from vtc.compressors.vcc import VisualContextCompressor
     from vtc.compressors.visionzip import VisionZip
     from vtc.compressors.vispruner import VisPruner
+    from vtc.compressors.voco import VoCo
 
     return {
         "none": (lambda: None, {}),
@@ -91,11 +93,15 @@ def _compressors() -> dict:
         "cdpruner": (lambda: CDPruner(layer=0, keep=8), {}),
         "pyramid_drop": (lambda: PyramidDrop(layers=[1, 2], ratio=0.5), {}),
         "sparsevlm": (lambda: SparseVLM(layers=[1, 2], keep=[0.25, 0.125]), {"image_size": 112}),
+        "downsample": (lambda: Downsample(grid=2), {}),
+        # Its mask cannot go to flash_attention_2 (refused, naming the key): checked on sdpa alone.
+        "voco": (lambda: VoCo(tokens=2), {}),
     }
 
 
 COMPRESSORS = ["none", "pool", "stf", "stf_mbtf", "m3", "visionzip", "prumerge_plus", "tome", "vcc", "fastv", "dart",
-               "random_prune", "divprune", "vispruner", "cdpruner", "pyramid_drop", "sparsevlm"]
+               "random_prune", "divprune", "vispruner", "cdpruner", "pyramid_drop", "sparsevlm", "downsample",
+               "voco"]
 
 
 def test_every_compressor_config_is_covered():
@@ -144,6 +150,14 @@ def test_flash_attention_matches_sdpa_in_bf16(name):
     flash, _ = _cuda_lmm(name, "flash_attention_2")
     assert flash.llm.model.config._attn_implementation == "flash_attention_2"
     batch = _to(toy_batch(image_size=size), "cuda")
+    if name == "voco":  # its attention mask cannot go to flash-attention: sdpa runs, flash is refused
+        from vtc.errors import ConfigError
+
+        assert torch.isfinite(sdpa(batch).loss)
+        with pytest.raises(ConfigError) as e:
+            flash(batch)
+        assert e.value.key == "llm.attn_implementation"
+        return
     l_ref, loss_ref, seen_ref = _logits_and_loss(sdpa, batch)
     l_fa, loss_fa, seen_fa = _logits_and_loss(flash, batch)
     assert torch.equal(seen_ref, seen_fa), "the compressor kept different token counts"
@@ -262,7 +276,7 @@ def test_fsdp2_two_gpus_match_one_and_resume(gpu_reference, tmp_path):
 
 # -- (d) generation with the KV cache -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["none", "fastv", "stf"])
+@pytest.mark.parametrize("name", ["none", "fastv", "stf", "voco"])
 def test_generation_on_cuda_equals_cpu(name):
     from tests.tiny import tiny_lmm, toy_batch
 

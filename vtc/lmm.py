@@ -249,7 +249,8 @@ class LMM(nn.Module):
     ) -> tuple[list[list[int]], torch.Tensor]:
         """Greedy decoding with a KV cache. Returns the new tokens per sample (eos excluded) and
         the [num_layers, B] visual tokens each layer saw during prefill. ``items``: as in
-        ``build_sequence``."""
+        ``build_sequence``. An in-LLM compressor with ``drop_cache`` (VoCo) has the cache entries no
+        later token may attend (its visual tokens) removed after prefill (:func:`drop_masked_keys`)."""
         from transformers import DynamicCache
 
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
@@ -257,6 +258,8 @@ class LMM(nn.Module):
         cache = DynamicCache(config=self.llm.config)
         in_llm = self.pipeline.active("llm")
         out, seen, masks = self.llm.run_layers(state, in_llm, cache=cache)
+        if in_llm is not None and getattr(in_llm, "drop_cache", False):  # VoCo: the visual KV is dead now
+            masks = drop_masked_keys(cache, masks)
         B = out.hidden.shape[0]
         rows = torch.arange(B, device=out.hidden.device)
         last = out.lengths - 1
@@ -284,3 +287,34 @@ class LMM(nn.Module):
             token = self.next_token(self.llm.logits(o.hidden[:, -1]))
             next_pos = next_pos + 1
         return result, torch.stack(seen)
+
+
+def drop_masked_keys(cache, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Remove from the KV cache every entry its key mask hides from all later tokens, after prefill.
+
+    ``masks`` are ``run_layers``' key masks for decode steps; an in-LLM compressor with an
+    attention rule (VoCo) has zeroed the keys no later token may attend (its visual tokens), and
+    padding is zero too. Every layer's keys/values [B, H, T, hd] keep the rest, in order, re-padded
+    on the right (one batched gather); returns the masks of the kept entries. The kept keys carry
+    their RoPE rotation already, and decode positions continue from the prompt's, so the next
+    tokens compute what they computed over the masked cache. Done only for one layer segment (the
+    compressor acts before layer 0) and a plain ``DynamicCache`` (no sliding windows); otherwise
+    the cache stays as it is, masked."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", [])
+    if len(masks) != 1 or not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return masks
+    keep = masks[0].bool()
+    counts = keep.sum(1)
+    width = int(counts.max())
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept columns first
+    valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+    for layer in layers:
+        if layer.keys is None or layer.keys.shape[-2] != keep.shape[1]:
+            raise RuntimeError(f"cache holds {None if layer.keys is None else layer.keys.shape[-2]} entries, "
+                               f"its key mask {keep.shape[1]}")
+        at = idx[:, None, :, None]
+        layer.keys = layer.keys.gather(2, at.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+        layer.values = layer.values.gather(2, at.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
+    return [valid.to(masks[0].dtype)]

@@ -188,6 +188,8 @@ def test_chain_config_counts_and_keys():
     (["llm.attn_implementation=flash_attention_2"], "llm.attn_implementation", "CUDA"),
     (["compressor=tome", "trainer=gpu", "encoder.attn_implementation=flash_attention_2"], "compressor.prop_attn",
      "prop_attn=false"),
+    (["compressor=voco", "trainer=gpu", "llm.attn_implementation=flash_attention_2"], "llm.attn_implementation",
+     "sdpa"),
     (["compressor=pool", "schedule=llavolta", "schedule.stages.0.knobs.layer=40"], "schedule.stages[0].knobs.layer",
      "32-layer"),
     (["schedule=llavolta", "schedule.stages.3.knobs={layer: 2, stride: 2}"], "schedule.stages[3].knobs", "off"),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from vtc.compressors.chain import Pipeline
 from vtc.compressors.schedule import validate_schedule
 from vtc.errors import ConfigError
-from vtc.model.llm import resolve_attn_implementation
+from vtc.model.llm import MASK_FUNCTION_KERNELS, resolve_attn_implementation
 
 
 def schedule_of(cfg: DictConfig) -> dict:
@@ -56,6 +56,11 @@ def check_attention(cfg: DictConfig, pipeline: Pipeline) -> None:
         raise ConfigError(f"{pipeline.keys['vision']}.prop_attn", "ToMe's proportional attention adds log(size) to "
                           "the logits, which flash_attention_2 cannot take; set encoder.attn_implementation=sdpa "
                           f"or {pipeline.keys['vision']}.prop_attn=false")
+    member = pipeline.by_site.get("llm")
+    if member is not None and hasattr(member, "attention_rule") and kernels["llm"] not in MASK_FUNCTION_KERNELS:
+        raise ConfigError("llm.attn_implementation", f"{type(member).__name__} hides the visual tokens from the text "
+                          f"by an attention mask, which {kernels['llm']} cannot take (it only skips padding); set "
+                          "llm.attn_implementation=sdpa (or eager)")
 
 
 def check_strategy(cfg: DictConfig, pipeline: Pipeline) -> None:

@@ -20,6 +20,8 @@ def compressor_for(name: str, s: C.Sizes):
         return C.load_compressor("m3", tokens=s.num_patches // 4)
     if name in ("random_prune", "divprune", "vispruner", "cdpruner"):  # 25% of the grid, as pool stride 2 keeps
         return C.load_compressor(name, keep=s.num_patches // 4)
+    if name == "downsample":  # half the side: 25% of the grid
+        return C.load_compressor(name, grid=int(s.num_patches ** 0.5) // 2)
     return C.load_compressor(name)
 
 

@@ -7,9 +7,10 @@ How it is isolated depends on where the compressor acts (``comp.site``):
 * pre-LLM: ``compressor(features, enc)`` on the step's encoder output, plus its backward when the
   output carries gradients; the MLP that replaces the projector (STF, STF+MBTF) is timed alone and
   subtracted, since ``none`` runs a projector too. M3: summed over every trained scale.
-* in-LLM: ``compress(state, K, layer)`` on the state captured at layer K, forward + backward.
+* in-LLM: ``compress(state, at)`` on the state captured at layer K, forward + backward.
 * vision (ToMe): the frozen encoder forward with merging minus without; the time inside
   ``bipartite_merge`` is recorded too.
+* image (downsampling): the resize of the batch's images.
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ def own_cost_fn(model, batch):
             enc = model.encoder(pixels, keep_states=extra)
         enc.encoder = model.encoder
         feats = enc.features
+        if comp.after_projector:  # M3, DivPrune: the method reads the projected tokens (projector not timed)
+            with torch.no_grad():
+                feats = model.projector(feats)
         variants = comp.training_variants() or [None]
 
         # the MLP that replaces the projector (STF): timed alone, subtracted
@@ -142,5 +146,8 @@ def own_cost_fn(model, batch):
 
         call.merge_times = []
         return call, "encoder fwd with merging − without (frozen, no grad)", {"merge_times": call.merge_times}
+    if comp.site == "image":  # downsampling: the resize alone (the smaller tower is the saving, not a cost)
+        patch = model.encoder.info.patch_size
+        return (lambda: C.timed(lambda: comp(pixels, patch))), "resize of the batch's images", {}
     raise ValueError(f"unknown site {comp.site!r}")
 

@@ -156,10 +156,12 @@ class CostMeter:
                 prompt["visual_in"] = state.visual_counts().detach().cpu()
             out = orig_run(state, compressor, cache=cache, past_mask=past_mask)
             if first and cache is not None:
-                prompt["kv_bytes"] = kv_cache_bytes(cache)
+                prompt["cache"] = cache
             return out
 
         def next_token(logits):
+            if "cache" in prompt and "kv_bytes" not in prompt:  # after prefill and any drop (VoCo's)
+                prompt["kv_bytes"] = kv_cache_bytes(prompt.pop("cache"))
             token = orig_next(logits)
             _sync(token)
             stamps.append(time.perf_counter())

@@ -120,6 +120,9 @@ class LanguageModel(nn.Module):
         layer ([B] per layer), and the 2-D key masks of each layer segment (for decoding with
         a KV cache: segment s spans from the layer where the sequence last changed).
         ``past_mask`` holds those masks from earlier calls (decode steps).
+        A compressor with an ``attention_rule`` (VoCo) also restricts who attends to whom from its
+        layer on (:func:`attention_rule`); the keys it hides from every later token are zero in the
+        returned masks.
         """
         compiled = self._compiled
         if compiled is not None and not compiled.failed and cache is None and torch.is_grad_enabled():
@@ -133,27 +136,33 @@ class LanguageModel(nn.Module):
 
         seen: list[torch.Tensor] = []
         segment_masks: list[torch.Tensor] = []
-        mask4d = None
+        new_segment = True  # (not ``mask4d is None``: create_causal_mask returns None for a plain causal mask)
         seg = -1
         previous = None  # the state the previous layer consumed (FastV / DART score layer K-1)
+        and_mask, hidden_keys = None, None  # an attention rule of the compressor (VoCo), from its layer on
         for i, (layer, forward) in enumerate(zip(self.layers, forwards)):
             if compressor is not None and getattr(compressor, "site", None) == "llm" and compressor.applies_at(i):
                 if past_mask is None:  # training / prefill; decode steps reuse the compressed cache
                     at = LayerContext(index=i, layer=layer, previous_layer=self.layers[i - 1] if i else None,
                                       previous_input=previous, final_norm=self.decoder.norm)
                     state = compressor.compress(state, at)
-                mask4d = None  # a new segment of layers starts here, with its own key mask
-            if mask4d is None:
+                    and_mask, hidden_keys = attention_rule(compressor, state, self.config)
+                new_segment = True  # a new segment of layers starts here, with its own key mask
+            if new_segment:
+                new_segment = False
                 seg += 1
                 key_mask = state.attention_mask
                 if past_mask is not None:
                     key_mask = torch.cat([past_mask[seg], state.attention_mask], dim=1)
-                segment_masks.append(key_mask)
+                # Keys no later token may attend (VoCo: the visual tokens) leave the mask handed to
+                # decode steps, so those steps need no rule (and the cache may drop them).
+                segment_masks.append(key_mask if hidden_keys is None else key_mask.masked_fill(hidden_keys, 0))
                 mask4d = create_causal_mask(
                     config=self.config,
                     inputs_embeds=state.hidden,
                     attention_mask=key_mask,
                     position_ids=state.position_ids,
+                    and_mask_function=and_mask,
                     layer_idx=i,
                     **{cache_keyword(create_causal_mask): cache},
                 )
@@ -176,6 +185,32 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
+
+
+#: kernels whose mask transformers builds from mask functions (flash-attention only takes padding)
+MASK_FUNCTION_KERNELS = ("sdpa", "eager", "flex_attention")
+
+
+def attention_rule(compressor, state: SeqState, config):
+    """(and_mask_function, hidden keys [B, T] or None) of an in-LLM compressor that restricts who
+    attends to whom (VoCo: the text after the VoCo tokens may not see the visual tokens), else
+    (None, None).
+
+    The compressor's ``attention_rule(state)`` returns None (nothing to restrict in this batch) or
+    ``(fn, hidden)``: ``fn(batch_idx, head_idx, q_idx, kv_idx) -> bool`` in the index space of
+    ``state`` (the prefill's cache is empty, so cache positions are those indices), combined with
+    the causal and padding mask by ``create_causal_mask``; ``hidden`` marks the keys that no token
+    after ``state`` may see, which the key mask kept for decode steps zeroes."""
+    rule = getattr(compressor, "attention_rule", None)
+    if rule is None:
+        return None, None
+    kernel = getattr(config, "_attn_implementation", None) or "sdpa"
+    if kernel not in MASK_FUNCTION_KERNELS:
+        raise ConfigError("llm.attn_implementation", f"{type(compressor).__name__} hides tokens from others by an "
+                          f"attention mask, which {kernel} cannot take (it only skips padding); use "
+                          f"llm.attn_implementation=sdpa (or eager)")
+    out = rule(state)
+    return (None, None) if out is None else out
 
 
 @functools.cache
