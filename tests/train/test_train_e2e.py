@@ -152,3 +152,27 @@ def test_a_refused_pair_fails_fast_with_no_data_and_no_mlflow_run(workspace, tmp
     assert not os.path.exists(tmp_path / "fresh"), "data was generated before the config was checked"
     assert {r.info.run_id for r in workspace.runs()} == before, "an MLflow run was created"
     assert elapsed < 60, elapsed  # imports dominate (measured ~10 s on 2 idle cores)
+
+
+# The training-free methods of the zoo at 4 of the 64 tokens, as the compressor_ablation options set
+# them: (option, visual tokens entering the LLM, layer-average visual tokens of the 4 layers).
+TEST_TIME = [("random_prune_4", 4, 4), ("divprune_4", 4, 4), ("vispruner_4", 4, 4), ("downsample_4", 4, 4),
+             ("m3_4", 4, 4), ("cdpruner_4", 64, 4), ("fastv_4", 64, 4), ("dart_4", 64, 4),
+             ("pyramid_drop_4", 64, 7), ("sparsevlm_4", 64, 19)]
+
+
+def test_every_training_free_method_compresses_an_uncompressed_checkpoint(workspace, trained):
+    """`eval.py -m ckpt_path=<uncompressed> +ablation=...`: each method applied at test time only
+    (one multirun, one child per method); VoCo, whose tokens are learned, is refused by name."""
+    _, ckpts = trained
+    before = {r.info.run_id for r in workspace.runs("eval")}
+    options = ",".join(o for o, _, _ in TEST_TIME)
+    workspace.run("eval.py", "-m", f"ckpt_path={ckpts[0]}", f"+ablation={options}", "cost.measure=false",
+                  "++trainer.limit_test_batches=1", tiny=False)
+    children = [r for r in workspace.runs("eval") if r.info.run_id not in before and r.data.tags.get("mlflow.parentRunId")]
+    got = {c.data.tags["mlflow.runName"].split("=", 1)[1]: c.data.metrics for c in children}
+    for option, entering, average in TEST_TIME:
+        assert got[option]["test/visual_tokens"] == entering, option
+        assert round(got[option]["test/equiv_visual_tokens"]) == average, option
+    proc = workspace.run("eval.py", f"ckpt_path={ckpts[0]}", "+ablation=voco_4", tiny=False, check=False)
+    assert proc.returncode != 0 and "model.compressor.embeddings" in proc.stderr and "parameter-free" in proc.stderr
