@@ -78,3 +78,38 @@ def toy_video_batch(image_size: int = 56, frames: int = 4, seed: int = 0) -> dic
     items = torch.tensor([[0, 0, frames, 1], [1, frames, 1, 0]])  # (sample, first row, frames, kind)
     out = {k: v for k, v in b.items() if k != "image_index"}
     return dict(out, pixel_values=pixels, visual_items=items)
+
+
+def greedy_by_recompute(model: LMM, sample: dict, steps: int) -> list[int]:
+    """Greedy tokens for one unpadded sample without a KV cache: the whole sequence is rebuilt and
+    run through every layer (the in-LLM compressor included) at each step, with the query token
+    fixed at the prompt's last instruction token, as ``generate`` compresses the prompt once.
+    The reference a cached ``generate`` must equal."""
+    from dataclasses import replace
+
+    cur, q0, out = sample["input_ids"], None, []
+    for _ in range(steps):
+        st = model.build_sequence(cur, torch.ones_like(cur), None, sample["pixel_values"], sample["image_index"])
+        q0 = int(st.query_index[0]) if q0 is None else q0
+        o, _, _ = model.llm.run_layers(replace(st, query_index=torch.tensor([q0])), model.pipeline.active("llm"))
+        t = int(model.next_token(model.llm.logits(o.hidden[0, -1])))
+        if t == model.eos_token_id:
+            break
+        out.append(t)
+        cur = torch.cat([cur, torch.tensor([[t]])], 1)
+    return out
+
+
+def spy(comp: Compressor) -> dict:
+    """Record what an in-LLM compressor's ``compress`` is handed and returns: the dict's ``in``,
+    ``out`` and ``at`` (the ``LayerContext``) are those of the latest call."""
+    seen: dict = {}
+    orig = comp.compress
+
+    def wrapped(state, at):
+        out = orig(state, at)
+        seen["in"], seen["out"], seen["at"] = state, out, at
+        return out
+
+    comp.compress = wrapped
+    return seen

@@ -4,30 +4,16 @@ loops, the kept tokens of the tiny model with a from-scratch reference; the budg
 batch independence (loss and cached generation), video spans, the checks and training."""
 import itertools
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.tiny import single, tiny_lmm, toy_batch, toy_video_batch
+from tests.tiny import greedy_by_recompute, single, spy, tiny_lmm, toy_batch, toy_video_batch
 from vtc.compressors.cdpruner import CDPruner, conditional_kernel, dpp_greedy, relevance
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
-
-
-def spy(comp):
-    seen = {}
-    orig = comp.compress
-
-    def wrapped(state, at):
-        out = orig(state, at)
-        seen["in"], seen["out"], seen["at"] = state, out, at
-        return out
-
-    comp.compress = wrapped
-    return seen
 
 
 def logdet(L: torch.Tensor, subset) -> float:
@@ -223,17 +209,7 @@ def test_batch_equals_each_sample_alone_loss_and_generation():
         s = single(b, i)
         alone, _ = model.generate(s["input_ids"], s["attention_mask"], s["pixel_values"], s["image_index"], 4)
         assert tokens[i] == alone[0]
-        cur, q0, ref = s["input_ids"], None, []  # no cache: the whole sequence recomputed each step
-        for _ in range(4):
-            st = model.build_sequence(cur, torch.ones_like(cur), None, s["pixel_values"], s["image_index"])
-            q0 = int(st.query_index[0]) if q0 is None else q0
-            o, _, _ = model.llm.run_layers(replace(st, query_index=torch.tensor([q0])), model.compressor)
-            t = int(model.next_token(model.llm.logits(o.hidden[0, -1])))
-            if t == model.eos_token_id:
-                break
-            ref.append(t)
-            cur = torch.cat([cur, torch.tensor([[t]])], 1)
-        assert tokens[i] == ref
+        assert tokens[i] == greedy_by_recompute(model, s, 4)  # no cache: the whole sequence each step
 
 
 def test_video_span_is_one_set_and_batch_equals_alone():

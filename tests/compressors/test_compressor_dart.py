@@ -2,7 +2,6 @@
 layer K captured from a plain HF forward (hooks), RoPE from the model's own rotary embedding, and
 the pivot / least-similar selection rewritten with Python sets; the exact budget; batch
 independence; cached generation; training."""
-from dataclasses import replace
 
 import pytest
 import torch
@@ -12,22 +11,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from vtc.compressors.dart import DART, dart_select
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
-from tests.tiny import single, tiny_lmm, toy_batch
+from tests.tiny import greedy_by_recompute, single, spy, tiny_lmm, toy_batch
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
-
-
-def spy(comp):
-    seen = {}
-    orig = comp.compress
-
-    def wrapped(state, at):
-        out = orig(state, at)
-        seen["in"], seen["out"] = state, out
-        return out
-
-    comp.compress = wrapped
-    return seen
 
 
 def reference_keep(model, s, K, ratio, p_img, p_txt, score_at="previous", budget_rule="exact") -> set[int]:
@@ -180,17 +166,7 @@ def test_batch_equals_each_sample_alone_and_generation_matches_recompute():
     assert seen[:, 0].tolist() == [16, 8, 8]
     for i in range(3):
         s = single(b, i)
-        cur, q0, ref = s["input_ids"], None, []
-        for _ in range(4):
-            st = model.build_sequence(cur, torch.ones_like(cur), None, s["pixel_values"], s["image_index"])
-            q0 = int(st.query_index[0]) if q0 is None else q0
-            o, _, _ = model.llm.run_layers(replace(st, query_index=torch.tensor([q0])), model.compressor)
-            t = int(model.next_token(model.llm.logits(o.hidden[0, -1])))
-            if t == model.eos_token_id:
-                break
-            ref.append(t)
-            cur = torch.cat([cur, torch.tensor([[t]])], 1)
-        assert tokens[i] == ref
+        assert tokens[i] == greedy_by_recompute(model, s, 4)
 
 
 def test_same_seed_same_output_and_training_gradients():

@@ -2,7 +2,6 @@
 of layer K (a full map, in the test only) ranks the image tokens the same way as the one recomputed
 query row; kept counts, positions, batch independence, cached generation, training."""
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -11,22 +10,9 @@ from vtc.compressors.fastv import FastV, kept_count, query_attention
 from vtc.errors import ConfigError
 from vtc.cost.schedules import fastv_visual_tokens_per_layer
 from vtc.model.encoder import EncoderInfo
-from tests.tiny import single, tiny_lmm, toy_batch
+from tests.tiny import greedy_by_recompute, single, spy, tiny_lmm, toy_batch
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
-
-
-def spy(comp):
-    seen = {}
-    orig = comp.compress
-
-    def wrapped(state, at):
-        out = orig(state, at)
-        seen["in"], seen["out"] = state, out
-        return out
-
-    comp.compress = wrapped
-    return seen
 
 
 @pytest.fixture(scope="module", params=["previous", "current"])
@@ -146,47 +132,7 @@ def test_cached_generation_matches_full_recompute(setup):
     assert seen[:, 0].tolist() == [16, 16, 8]
     for i in range(3):
         s = single(b, i)
-        cur, q0, ref = s["input_ids"], None, []
-        for _ in range(4):
-            st = model.build_sequence(cur, torch.ones_like(cur), None, s["pixel_values"], s["image_index"])
-            q0 = int(st.query_index[0]) if q0 is None else q0
-            o, _, _ = model.llm.run_layers(replace(st, query_index=torch.tensor([q0])), model.compressor)
-            t = int(model.next_token(model.llm.logits(o.hidden[0, -1])))
-            if t == model.eos_token_id:
-                break
-            ref.append(t)
-            cur = torch.cat([cur, torch.tensor([[t]])], 1)
-        assert tokens[i] == ref
-
-
-
-def test_scores_work_with_fsdp2_sharded_layers(monkeypatch):
-    """The score recomputation reads layer K's weights outside its forward; under FSDP2 they are
-    sharded DTensors until gathered (the compressor calls ``layer.unshard()``). One gloo process."""
-    import socket
-
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this session")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        model = tiny_lmm(FastV(1, 0.5)).train()
-        ref = model(toy_batch()).loss.item()
-        for layer in model.llm.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        out = model(toy_batch())
-        out.loss.backward()
-        assert out.loss.item() == pytest.approx(ref, abs=1e-5)
-    finally:
-        dist.destroy_process_group()
+        assert tokens[i] == greedy_by_recompute(model, s, 4)
 
 
 def plain_batch() -> dict:

@@ -12,23 +12,9 @@ from vtc.errors import ConfigError
 from vtc.cost.schedules import llavolta_cr
 from vtc.model.encoder import EncoderInfo
 from vtc.model.sequence import LayerContext
-from tests.tiny import single, tiny_lmm, toy_batch
+from tests.tiny import single, spy, tiny_lmm, toy_batch
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
-
-
-def spy(comp):
-    """Record the states entering and leaving ``compress``."""
-    seen = {}
-    orig = comp.compress
-
-    def wrapped(state, at):
-        out = orig(state, at)
-        seen["in"], seen["out"] = state, out
-        return out
-
-    comp.compress = wrapped
-    return seen
 
 
 def test_pool_visual_matches_explicit_windows_and_their_avg_pool1d():

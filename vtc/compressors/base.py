@@ -177,6 +177,31 @@ class LLMCompressor(Compressor):
         raise NotImplementedError
 
 
+class StagedPruner(LLMCompressor):
+    """An in-LLM method that drops visual tokens before each layer of ``layers`` (increasing):
+    PyramidDrop, SparseVLM. Subclasses give ``stage_counts(n)``, the visual tokens left after each
+    stage for ``n`` entering the LLM; counting follows from it."""
+
+    def compressing(self) -> bool:
+        return self.enabled and bool(self.layers)
+
+    def applies_at(self, layer_idx: int) -> bool:
+        return self.compressing() and layer_idx in list(self.layers)
+
+    def stage_counts(self, n: int) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def kept(self, n: int) -> int:
+        return self.stage_counts(n)[-1] if self.compressing() else n
+
+    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
+        out = [n] * num_layers
+        if self.compressing():
+            for layer, after in zip(self.layers, self.stage_counts(n)):
+                out[layer:] = [after] * max(0, num_layers - layer)
+        return out
+
+
 def kept_count(n: int, ratio: float) -> int:
     """Visual tokens kept of ``n`` when a fraction ``ratio`` is dropped: ``n − floor(ratio·n)``.
     (A tiny tolerance keeps float products such as 0.3·10 from flooring one too low.)"""

@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import torch
 
-from vtc.compressors.base import LLMCompressor
+from vtc.compressors.base import StagedPruner
 from vtc.compressors.fastv import query_attention
 from vtc.errors import ConfigError
 from vtc.model.sequence import LayerContext, SeqState
@@ -97,7 +97,7 @@ def check_share(value, key: str, what: str) -> None:
                           "to switch the method off)")
 
 
-class PyramidDrop(LLMCompressor):
+class PyramidDrop(StagedPruner):
     """Knobs ``layers`` (stage boundaries, increasing) and ``ratio`` (λ kept per stage)."""
 
     knobs: ClassVar[tuple[str, ...]] = ("layers", "ratio")
@@ -125,25 +125,9 @@ class PyramidDrop(LLMCompressor):
         return {"ratio": share ** (1.0 / len(self.layers))}
 
     # -- counting ---------------------------------------------------------------------------------
-    def compressing(self) -> bool:
-        return self.enabled and bool(self.layers)
-
-    def applies_at(self, layer_idx: int) -> bool:
-        return self.compressing() and layer_idx in list(self.layers)
-
     def stage_counts(self, n: int) -> list[int]:
         """Image tokens left after each stage for ``n`` entering the first: floor(n·λ^(s+1))."""
         return [min(n, math.floor(n * float(self.ratio) ** (s + 1) + 1e-9)) for s in range(len(self.layers))]
-
-    def kept(self, n: int) -> int:
-        return self.stage_counts(n)[-1] if self.compressing() else n
-
-    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
-        out = [n] * num_layers
-        if self.compressing():
-            for layer, after in zip(self.layers, self.stage_counts(n)):
-                out[layer:] = [after] * max(0, num_layers - layer)
-        return out
 
     def own_flops(self, n: int) -> float:
         """Per image and stage with v image tokens entering it: k_proj of the v image tokens (2·v·d²),

@@ -66,7 +66,7 @@ from typing import ClassVar
 
 import torch
 
-from vtc.compressors.base import LLMCompressor
+from vtc.compressors.base import StagedPruner
 from vtc.compressors.fastv import _rope_fns, layer_qk, rotary_embedding
 from vtc.compressors.pyramid_drop import check_layers, check_share, scaled_layers
 from vtc.errors import ConfigError
@@ -127,7 +127,7 @@ def rater_attention(state: SeqState, layer, rows: torch.Tensor, valid: torch.Ten
     return (probs * w[..., None]).sum(1) / w.sum(1).clamp(min=1)[:, None]
 
 
-class SparseVLM(LLMCompressor):
+class SparseVLM(StagedPruner):
     """Knobs ``layers`` (drop before each, scored by the layer before it) and ``keep`` (k_s / n0)."""
 
     knobs: ClassVar[tuple[str, ...]] = ("layers", "keep")
@@ -172,9 +172,6 @@ class SparseVLM(LLMCompressor):
         return {"keep": [min(1.0, k * lo) for k in base]}
 
     # -- counting ---------------------------------------------------------------------------------
-    def compressing(self) -> bool:
-        return self.enabled and bool(self.layers)
-
     def applies_at(self, layer_idx: int) -> bool:
         return self.compressing() and (layer_idx == 0 or layer_idx in list(self.layers))
 
@@ -189,16 +186,6 @@ class SparseVLM(LLMCompressor):
                 k = self.stage_kept(n, v, share)
                 v = k + (recycled(v - k)[1] if self.recycle else 0)
             out.append(v)
-        return out
-
-    def kept(self, n: int) -> int:
-        return self.stage_counts(n)[-1] if self.compressing() else n
-
-    def tokens_per_layer(self, n: int, num_layers: int) -> list[int]:
-        out = [n] * num_layers
-        if self.compressing():
-            for layer, after in zip(self.layers, self.stage_counts(n)):
-                out[layer:] = [after] * max(0, num_layers - layer)
         return out
 
     def own_flops(self, n: int) -> float:
