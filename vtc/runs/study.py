@@ -58,6 +58,12 @@ class Study:
 STUDIES: dict[str, Study] = {
     # LLaVolta Fig. 1: the uncompressed model, average-pooled at test time (8x8 grid: 64/16/4/1 tokens).
     "llavolta_fig1": Study(eval_sweep=("compressor=pool", "compressor.stride=1,2,4,8")),
+    # The zoo, training-free: every parameter-free method at its compressor_ablation options (16 and 4
+    # of 64 tokens; ToMe reaches 16 only) on the uncompressed model; none_64 is the reference.
+    "zoo_ranking": Study(eval_sweep=("+ablation=none_64," + ",".join(
+        f"{m}_{b}" for b in (16, 4) for m in ("random_prune", "downsample", "pool", "m3", "divprune", "vispruner",
+                                              "visionzip", "cdpruner", "fastv", "dart", "pyramid_drop",
+                                              "sparsevlm", "vcc", "tome") if (m, b) != ("tome", 4)),)),
 }
 
 # Keys the study sets itself (refused after `--`).
