@@ -90,27 +90,32 @@ def dpp_greedy(kernel: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None
     diag = torch.diagonal(L, dim1=1, dim2=2).clone()
     floor = eps * diag.masked_fill(~valid, 0).amax(1).clamp_min(torch.finfo(torch.float32).tiny)  # [B]
     d2 = diag.clone()  # Cholesky residuals d_j²
-    avail = valid.clone()
+    blocked = ~valid
     filling = torch.zeros(B, dtype=torch.bool, device=dev)
+    any_filling = False
     C = L.new_zeros(K, B, N)
     picks = torch.full((B, K), -1, dtype=torch.long, device=dev)
-    neg = torch.tensor(float("-inf"), device=dev)
+    # Few tensor ops per step: at LLaVA's 576 tokens and 64-192 picks the loop's cost is op dispatch.
     for t in range(K):
-        score = torch.where(avail, d2, neg)
-        j = score.argmax(1)
-        best = score[rows, j]
-        filling |= ~(best > floor)  # residuals only shrink: once degenerate, a sample stays so
-        fill = torch.where(avail, diag, neg).argmax(1)
-        j = torch.where(filling, fill, j)
-        dj = d2[rows, j].clamp_min(0)
-        e = (L[rows, j] - torch.einsum("tb,tbn->bn", C[:t, rows, j], C[:t])) / dj.clamp_min(floor).sqrt()[:, None]
-        e = torch.where(filling[:, None], torch.zeros_like(e), e)
+        best, j = d2.masked_fill(blocked, float("-inf")).max(1)
+        degenerate = best <= floor
+        if any_filling or bool(degenerate.any()):  # residuals only shrink: once degenerate, a sample stays so
+            filling |= degenerate
+            any_filling = True
+            j = torch.where(filling, diag.masked_fill(blocked, float("-inf")).argmax(1), j)
+            best = d2[rows, j]
+        row = L[rows, j]
+        if t:
+            row = row - torch.einsum("tb,tbn->bn", C[:t, rows, j], C[:t])
+        e = row * best.clamp_min(floor).rsqrt()[:, None]
+        if any_filling:
+            e = e.masked_fill(filling[:, None], 0.0)
         C[t] = e
-        d2 = (d2 - e * e).clamp_min(0)
-        live = t < k
-        picks[:, t] = torch.where(live, j, torch.full_like(j, -1))
-        avail[rows, j] = avail[rows, j] & ~live
-    return picks
+        d2 = (d2 - e * e).clamp_min_(0)
+        picks[:, t] = j
+        blocked[rows, j] = True
+    # A sample's steps beyond its own k are not picks.
+    return picks.masked_fill(torch.arange(K, device=dev)[None] >= k[:, None], -1)
 
 
 def relevance(visual: torch.Tensor, instruction: torch.Tensor, valid: torch.Tensor, negate: bool = False,
