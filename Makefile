@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video
+.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video study-zoo
 
 setup: $(STAMP)
 
@@ -56,6 +56,11 @@ study-stages: setup
 ## make study-video ARGS="[--seeds 0,1] [-- overrides]"
 study-video: setup
 	$(PY) -m vtc.runs.study llavolta_video $(ARGS)
+
+## Study zoo_ranking, part 1 (experiments/zoo_ranking/README.md): the uncompressed model, 3 seeds, and every
+## parameter-free method applied at test time at 16 and 4 of its 64 tokens: make study-zoo ARGS="[--seeds 0]"
+study-zoo: setup
+	$(PY) -m vtc.runs.study zoo_ranking $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only, of the store the runs log to: $MLFLOW_TRACKING_URI when
 ## set, else the repo's sqlite file. Run artifacts lie beside a sqlite store (mlartifacts/, set by
