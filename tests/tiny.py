@@ -113,3 +113,32 @@ def spy(comp: Compressor) -> dict:
 
     comp.compress = wrapped
     return seen
+
+
+def eager_attention_map(eager, idx: int, st, b: int) -> torch.Tensor:
+    """Head-mean attention map [n, n] of decoder layer ``idx`` over sample ``b`` of the sequence
+    ``st``, computed by HF's eager attention (``eager``: the LLM's HF model set to eager) with a
+    plain causal mask: the full map, for tests only."""
+    n = int(st.attention_mask[b].sum())
+    layer = eager.model.layers[idx]
+    x = layer.input_layernorm(st.hidden[b:b + 1, :n])
+    cos, sin = eager.model.rotary_emb(x, st.position_ids[b:b + 1, :n])
+    mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    _, w = layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=mask)
+    return w[0].mean(0)
+
+
+def check_pre_llm_batch_equals_singles(model: LMM, batch: dict, steps: int = 3) -> torch.Tensor:
+    """A pre-LLM method's tokens for a batch's images equal each image's alone, and the batch
+    generates what each sample generates alone. Returns the batch's visual tokens."""
+    vis = model.encode_images(batch["pixel_values"])
+    full, _ = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_index"],
+                             steps)
+    for i in range(len(batch["input_ids"])):
+        s = single(batch, i)
+        if len(s["pixel_values"]):
+            alone = model.encode_images(s["pixel_values"])[0]
+            assert torch.allclose(alone, vis[int(batch["image_index"][i])], atol=1e-5)
+        assert model.generate(s["input_ids"], s["attention_mask"], s["pixel_values"], s["image_index"], steps)[0][0] \
+            == full[i]
+    return vis

@@ -11,7 +11,7 @@ import torch
 from vtc.compressors.pyramid_drop import PyramidDrop, scaled_layers
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
-from tests.tiny import IMG, greedy_by_recompute, single, tiny_lmm, toy_batch
+from tests.tiny import IMG, eager_attention_map, greedy_by_recompute, single, tiny_lmm, toy_batch
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
 LAYERS, RATIO = [0, 1, 2], 0.7  # 16 -> 11 -> 7 -> 5 (a floor of floors would give 4 at the last stage)
@@ -43,24 +43,12 @@ def setup():
     return model, comp, b, calls, eager
 
 
-def eager_map(eager, idx: int, st, b: int) -> torch.Tensor:
-    """Head-mean attention map [n, n] of decoder layer ``idx`` over sample ``b`` of ``st``, by HF's
-    eager attention with a plain causal mask."""
-    n = int(st.attention_mask[b].sum())
-    layer = eager.model.layers[idx]
-    x = layer.input_layernorm(st.hidden[b:b + 1, :n])
-    cos, sin = eager.model.rotary_emb(x, st.position_ids[b:b + 1, :n])
-    mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-    _, w = layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=mask)
-    return w[0].mean(0)
-
-
 def kept_positions(st, b: int) -> list[int]:
     n = int(st.attention_mask[b].sum())
     return st.position_ids[b, :n][st.visual_mask[b, :n]].tolist()
 
 
-def test_first_stage_is_the_top_of_the_full_eager_map(setup):
+def test_first_stage_is_the_top_of_the_full_eager_attention_map(setup):
     """Stage 0 against HF's whole eager forward of the single, unpadded sample: the last instruction
     token's row of layer l_0's map (head mean), top floor(16·λ) image tokens."""
     model, comp, b, calls, eager = setup
@@ -85,7 +73,7 @@ def test_every_stage_keeps_the_eager_top_of_n0_lambda_power(setup):
             if len(vis) == 0:
                 assert kept_positions(out, i) == []
                 continue
-            row = eager_map(eager, idx, inp, i)[int(inp.query_index[i])]
+            row = eager_attention_map(eager, idx, inp, i)[int(inp.query_index[i])]
             k = math.floor(16 * RATIO ** (s + 1))  # n0 = 16 for both image samples
             expect = inp.position_ids[i, vis[row[vis].topk(k).indices]].tolist()
             assert kept_positions(out, i) == sorted(expect), (s, i)

@@ -11,7 +11,7 @@ import torch
 from vtc.compressors.sparsevlm import SparseVLM, cluster_merge, rater_attention, recycled
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
-from tests.tiny import IMG, greedy_by_recompute, single, tiny_lmm, toy_batch
+from tests.tiny import IMG, eager_attention_map, greedy_by_recompute, single, tiny_lmm, toy_batch
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
 LAYERS, KEEP = [1, 2], [0.25, 0.125]  # 64 -> 16 kept + 2 clusters of 15 recycled = 18 -> 8 + 1 = 9
@@ -54,17 +54,6 @@ def setup():
     eager = copy.deepcopy(model.llm.model)
     eager.set_attn_implementation("eager")
     return model, comp, b, calls, raters, eager
-
-
-def eager_map(eager, idx: int, st, b: int) -> torch.Tensor:
-    """Head-mean attention map [n, n] of layer ``idx`` over sample ``b`` of ``st`` (HF eager)."""
-    n = int(st.attention_mask[b].sum())
-    layer = eager.model.layers[idx]
-    x = layer.input_layernorm(st.hidden[b:b + 1, :n])
-    cos, sin = eager.model.rotary_emb(x, st.position_ids[b:b + 1, :n])
-    mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-    _, w = layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=mask)
-    return w[0].mean(0)
 
 
 def plain_raters(st, b: int) -> list[int]:
@@ -113,7 +102,7 @@ def test_raters_are_the_above_average_text_after_the_image(setup):
     assert raters[2].tolist() == []
 
 
-def test_rater_rows_match_the_full_eager_map(setup):
+def test_rater_rows_match_the_full_eager_attention_map(setup):
     """The recomputed R x T block, head and rater means, against HF's whole eager forward of each
     single sample (layer K_1 − 1 = 0 sees the unpruned sequence)."""
     model, comp, b, calls, raters, eager = setup
@@ -143,7 +132,7 @@ def test_each_stage_is_a_plain_recomputation(setup):
             h, pos = span(st, i)
             v = len(pos)
             rows = torch.isin(prev.position_ids[i], raters[i]).nonzero().squeeze(1)
-            ref = eager_map(eager, idx - 1, prev, i)[rows].mean(0)
+            ref = eager_attention_map(eager, idx - 1, prev, i)[rows].mean(0)
             vis = st.visual_mask[i].nonzero().squeeze(1)
             k = min(round(KEEP[s] * 64), v - 1)
             order = sorted(range(v), key=lambda j: -float(ref[vis[j]]))

@@ -14,7 +14,7 @@ from vtc.compressors.vispruner import VisPruner, removal_rounds, split_counts, v
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
 
-from tests.tiny import single, tiny_lmm, toy_batch, toy_video_batch
+from tests.tiny import check_pre_llm_batch_equals_singles, tiny_lmm, toy_batch, toy_video_batch
 
 TINY = EncoderInfo(image_size=56, patch_size=14, hidden_size=8, num_layers=2, has_cls=True, select_layer=-2)
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
@@ -111,14 +111,8 @@ def test_end_to_end_matches_hf_attention_and_the_rule(keep, ratio, size):
 def test_batch_equals_each_sample_alone_and_video_frames_are_images():
     b = toy_batch()
     m = tiny_lmm(VisPruner(8))
-    vis = m.encode_images(b["pixel_values"])
+    vis = check_pre_llm_batch_equals_singles(m, b)
     assert vis.shape[1] == 8
-    full, _ = m.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_index"], 3)
-    for i in range(3):
-        s = single(b, i)
-        if len(s["pixel_values"]):
-            assert torch.allclose(m.encode_images(s["pixel_values"])[0], vis[int(b["image_index"][i])], atol=1e-5)
-        assert m.generate(s["input_ids"], s["attention_mask"], s["pixel_values"], s["image_index"], 3)[0][0] == full[i]
     out = m(toy_video_batch(frames=4))  # a video: 4 frames x 8 tokens
     assert out.visual_in.tolist() == [32, 8, 0]
 
