@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video study-zoo
+.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video study-zoo study-zoo-trained
 
 setup: $(STAMP)
 
@@ -61,6 +61,14 @@ study-video: setup
 ## parameter-free method applied at test time at 16 and 4 of its 64 tokens: make study-zoo ARGS="[--seeds 0]"
 study-zoo: setup
 	$(PY) -m vtc.runs.study zoo_ranking $(ARGS)
+
+## Study zoo_ranking, part 2: part 1's 3 models exported, then each method fine-tuned 200 steps at 16
+## tokens with its compression on (12 arms x 3 seeds, ~1 hour): make study-zoo-trained ARGS="[--seeds 0]"
+ZOO = outputs/studies/zoo_ranking
+study-zoo-trained: setup
+	for s in 0 1 2; do test -d $(ZOO)/export/seed_$$s || $(PY) -m vtc.eval.export \
+	  --ckpt $(ZOO)/train/seed_$$s/checkpoints/last.ckpt --out $(ZOO)/export/seed_$$s || exit 1; done
+	$(PY) -m vtc.runs.study zoo_ranking_trained $(ARGS)
 
 ## The MLflow dashboard on 127.0.0.1 only, of the store the runs log to: $MLFLOW_TRACKING_URI when
 ## set, else the repo's sqlite file. Run artifacts lie beside a sqlite store (mlartifacts/, set by
