@@ -424,7 +424,7 @@ def test_exact_benchmark_and_file_errors(tmp_path):
     with pytest.raises(ValueError, match="more than once"):
         score_benchmark("exact", [preds[0], preds[0]], tmp_path / "gt.jsonl")
     with pytest.raises(ValueError, match="unknown benchmark"):
-        score_benchmark("mmbench", preds, tmp_path / "gt.jsonl")
+        score_benchmark("mmmu", preds, tmp_path / "gt.jsonl")
 
 
 # -- distributed state --------------------------------------------------------------------------

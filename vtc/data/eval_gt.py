@@ -27,7 +27,14 @@ mme         the MME release folder (``<category>/questions_answers_YN/<image>.tx
 scienceqa   official ``problems.json`` ``{pid: {"choices", "answer": index, "image", "split", ...}}``
 exact       JSONL/JSON list ``{question_id, answer}`` or JSON ``{qid: answer}``; or none, when the
             answers records carry ``"answer"`` themselves (``LMMModule``'s predictions.jsonl)
+mmbench,    the dev TSV itself (its ``answer``, ``category``, ``l2-category`` columns;
+mmbench_cn  :func:`vtc.data.mmbench.read_mmbench_gt`)
+vizwiz      VizWiz's ``val.json``, keyed by image (:func:`vtc.data.eval_lmm.read_vizwiz_gt`)
+seed_bench  ``SEED-Bench.json`` (:func:`vtc.data.eval_lmm.read_seed_gt`)
 =========== =================================================================================
+
+:data:`JUDGED` (``mmvet``, ``llavabench``) have no offline score: a GPT-4 judge grades them, and
+``eval.py`` writes the files it reads (:mod:`vtc.data.eval_lmm`).
 
 Video benchmarks (:data:`VIDEO_BENCHMARKS`; formats in :mod:`vtc.data.video_qa`). Scored by
 :func:`vtc.data.eval_score.score_benchmark` too; kept out of :data:`BENCHMARKS` (the image ones)
@@ -49,12 +56,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vtc.data.eval_files import question_key, read_json_any, read_questions, read_records
+from vtc.data.eval_lmm import JUDGED, LMM_BENCHMARKS, read_seed_gt, read_vizwiz_gt
+from vtc.data.mmbench import read_mmbench_gt
 from vtc.data.video_qa import read_mvbench_gt, read_video_qa_gt
 from vtc.metrics.mme import MME_CATEGORIES, canonical_category
 from vtc.metrics.pope import pope_label
 
 __all__ = [
     "BENCHMARKS",
+    "JUDGED",
     "VIDEO_BENCHMARKS",
     "mme_key",
     "read_exact_gt",
@@ -67,7 +77,7 @@ __all__ = [
     "read_vqav2_gt",
 ]
 
-BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme", "scienceqa", "exact")
+BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme", "scienceqa", "exact", *LMM_BENCHMARKS)
 VIDEO_BENCHMARKS = ("msvd_qa", "msrvtt_qa", "activitynet_qa", "mvbench")
 
 
@@ -251,6 +261,10 @@ _READERS = {
     "mme": read_mme_gt,
     "scienceqa": read_scienceqa_gt,
     "exact": read_exact_gt,
+    "mmbench": read_mmbench_gt,
+    "mmbench_cn": read_mmbench_gt,
+    "vizwiz": read_vizwiz_gt,
+    "seed_bench": read_seed_gt,
     "msvd_qa": lambda path, questions=None: read_video_qa_gt(path, questions, "msvd_qa"),
     "msrvtt_qa": lambda path, questions=None: read_video_qa_gt(path, questions, "msrvtt_qa"),
     "activitynet_qa": lambda path, questions=None: read_video_qa_gt(path, questions, "activitynet_qa"),

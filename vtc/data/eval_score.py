@@ -18,6 +18,10 @@ from collections.abc import Mapping
 
 from vtc.data.eval_files import question_key, read_answers, read_questions
 from vtc.data.eval_gt import BENCHMARKS, VIDEO_BENCHMARKS, mme_key, read_gt, read_pope_gt, read_scienceqa_gt
+from vtc.data.eval_lmm import JUDGED, LMM_BENCHMARKS
+from vtc.data.eval_match import accuracy_by_type as _accuracy_by_type
+from vtc.data.eval_match import match_answers as _match
+from vtc.data.eval_score_lmm import score_lmm_benchmark
 from vtc.data.video_qa import ACTIVITYNET_QA_TYPES, read_video_qa_answers
 from vtc.metrics.exact_match import ExactMatchAccuracy, TextVQAAccuracy
 from vtc.metrics.mme import MMEScore
@@ -27,30 +31,6 @@ from vtc.metrics.scienceqa import ScienceQAAccuracy
 from vtc.metrics.vqav2 import VQAv2Accuracy
 
 __all__ = ["score_benchmark"]
-
-
-def _type_key(t: str) -> str:
-    return "acc_" + re.sub(r"[^0-9A-Za-z]+", "_", str(t)).strip("_")
-
-
-def _match(answers: list[dict], gt: Mapping, key=lambda a: question_key(a["question_id"]), fallback=None):
-    """Pairs (answer, gt record); errors for unknown or repeated keys; the number of gt entries
-    without an answer."""
-    pairs, seen, unknown = [], set(), []
-    for a in answers:
-        k = key(a)
-        if k not in gt and fallback is not None:
-            k = fallback(a)
-        if k is None or k not in gt:
-            unknown.append(a["question_id"])
-            continue
-        if k in seen:
-            raise ValueError(f"question {a['question_id']!r} is answered more than once")
-        seen.add(k)
-        pairs.append((a, gt[k]))
-    if unknown:
-        raise ValueError(f"{len(unknown)} answers have no ground truth (wrong files?), e.g. {unknown[:5]}")
-    return pairs, len(gt) - len(seen)
 
 
 def _textvqa_question(prompt: str) -> str | None:
@@ -64,27 +44,6 @@ def _textvqa_question(prompt: str) -> str | None:
     if len(lines) == 2:
         return lines[0].lower()
     return None
-
-
-def _accuracy_by_type(metric_cls, pairs, pred_target, type_of, **metric_kwargs) -> dict[str, float]:
-    """``acc`` over all pairs and ``acc_<type>`` per type (one batched update per group);
-    ``type_of`` gives a type, None, or a tuple of types (a pair counts in each)."""
-    groups: dict[str | None, tuple[list, list]] = {None: ([], [])}
-    for a, g in pairs:
-        p, t = pred_target(a, g)
-        typ = type_of(a, g)
-        types = tuple(typ) if isinstance(typ, (tuple, list)) else ((typ,) if typ else ())
-        for key in (None, *types):
-            preds, targets = groups.setdefault(key, ([], []))
-            preds.append(p)
-            targets.append(t)
-    out = {}
-    for typ, (preds, targets) in groups.items():
-        metric = metric_cls(**metric_kwargs)
-        if preds:
-            metric.update(preds, targets)
-        out["acc" if typ is None else _type_key(typ)] = float(metric.compute()) if preds else 0.0
-    return {"acc": out.pop("acc"), **dict(sorted(out.items()))}
 
 
 def _activitynet_types(g: Mapping) -> tuple[str, ...]:
@@ -167,12 +126,19 @@ def score_benchmark(name: str, answers, gt=None, *, questions=None, **options) -
     * mme: :class:`~vtc.metrics.mme.MMEScore`'s keys (points, not fractions);
     * scienceqa: ``acc``, ``img_acc``;
     * exact: ``acc`` and ``acc_<question_type>`` when the answers carry ``question_type``;
+    * mmbench, mmbench_cn, vizwiz, seed_bench: :mod:`vtc.data.eval_score_lmm` (MMBench's
+      CircularEval: ``acc``, ``acc_<category>``, ``acc_l2_<l2-category>``, ``acc_first``; VizWiz:
+      ``acc``, ``acc_<answer type>``, ``unanswerable_f1``; SEED-Bench: ``acc``, ``acc_<type>``);
     * msvd_qa, msrvtt_qa, activitynet_qa, mvbench: :func:`_score_video` (answers may also be
       Video-LLaVA's ``{id, question, answer, pred}`` records; options ``normalizer``, and
       ``rule`` and ``return_prompt`` for mvbench).
     """
     if name in VIDEO_BENCHMARKS:
         return _score_video(name, answers, gt, questions, options)
+    if name in LMM_BENCHMARKS:
+        return score_lmm_benchmark(name, answers, gt, questions, **options)
+    if name in JUDGED:
+        raise ValueError(f"{name} is graded by a GPT-4 judge, not offline (vtc.data.eval_lmm.judge_note)")
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; one of {BENCHMARKS + VIDEO_BENCHMARKS}")
     answers = read_answers(answers)

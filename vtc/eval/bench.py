@@ -1,5 +1,6 @@
-"""Benchmarks in LLaVA's evaluation formats for ``eval.py`` (``benchmark=gqa|vqav2|textvqa|pope|mme|scienceqa``;
-the video ones, ``msvd_qa|msrvtt_qa|activitynet_qa|mvbench``, run through :mod:`vtc.eval.video_bench`).
+"""Benchmarks in LLaVA's evaluation formats for ``eval.py`` (``benchmark=gqa|vqav2|textvqa|pope|mme|scienceqa``,
+``mmbench|mmbench_cn|vizwiz|seed_bench|mmvet|llavabench``; the video ones,
+``msvd_qa|msrvtt_qa|activitynet_qa|mvbench``, run through :mod:`vtc.eval.video_bench`).
 
 What LLaVA-1.5 does (``llava/eval/model_vqa_loader.py``, ``model_vqa_science.py``), and so this:
 
@@ -24,9 +25,21 @@ What LLaVA-1.5 does (``llava/eval/model_vqa_loader.py``, ``model_vqa_science.py`
    ``<benchmark>/<metric>`` (``gqa/acc``, ``pope/adversarial/f1``, ``mme/perception``, ...).
 
 ``benchmark.gt: null`` writes the answers only (VQAv2 test-dev is scored by the EvalAI server).
+
 The default file locations follow LLaVA's ``playground/data/eval`` layout under
 ``benchmark.root`` (``${paths.data_dir}/eval``); point ``benchmark.root`` at a LLaVA playground,
 or set ``benchmark.questions`` / ``images`` / ``gt`` one by one.
+
+The LMM benchmarks (:mod:`vtc.data.eval_lmm`) differ in three places. Questions: MMBench's come
+from its TSV, images inlined as base64, each asked once per circular shift of its options
+(``benchmark.all_rounds``; :mod:`vtc.data.mmbench`), and its answers file keeps LLaVA's
+``round_id``, ``options``, ``option_char``; SEED-Bench keeps its image questions. Files: beside
+the answers, what LLaVA's converter makes for the server or judge (MMBench's prediction table,
+VizWiz's and VQAv2's EvalAI JSON when ``gt`` is null, SEED's upload lines, MM-Vet's
+``{"v1_<id>": answer}``; :func:`vtc.data.eval_lmm.write_submission`), logged as an artifact.
+Length: ``benchmark.max_new_tokens`` (MM-Vet, LLaVA-Bench: 1024, LLaVA's ``model_vqa.py``)
+unless eval.py's ``max_new_tokens`` is set. MM-Vet and LLaVA-Bench are judged by GPT-4: answers
+only, with a log line naming the script that scores them.
 """
 from __future__ import annotations
 
@@ -42,9 +55,11 @@ from PIL import Image
 from vtc.cost.meter import CostMeter
 from vtc.data.batch import IGNORE_INDEX
 from vtc.data.collate import collate, visual_items
-from vtc.data.eval_files import image_path, read_questions, write_answers
-from vtc.data.eval_gt import BENCHMARKS, VIDEO_BENCHMARKS
+from vtc.data.eval_files import image_path, write_answers
+from vtc.data.eval_gt import BENCHMARKS, JUDGED, VIDEO_BENCHMARKS
+from vtc.data.eval_lmm import MMBENCH, judge_note, load_benchmark_questions, submission_path, write_submission
 from vtc.data.eval_score import score_benchmark
+from vtc.data.mmbench import load_base64_image, mmbench_answer, tsv_columns, write_mmbench_answers
 from vtc.data.templates import encode_conversation
 from vtc.errors import ConfigError
 from vtc.eval.video_bench import check_video_spec, evaluate_video_benchmark
@@ -70,9 +85,9 @@ def benchmark_spec(cfg: DictConfig) -> dict | None:
     name = benchmark_name(cfg)
     if name == SYNTHETIC:
         return None
-    if name not in BENCHMARKS + VIDEO_BENCHMARKS:
-        raise ConfigError("benchmark.name", f"{name!r} is not scored by vtc.data.eval_score; one of "
-                          f"{BENCHMARKS + VIDEO_BENCHMARKS}")
+    known = BENCHMARKS + JUDGED + VIDEO_BENCHMARKS
+    if name not in known:
+        raise ConfigError("benchmark.name", f"{name!r} is not a benchmark vtc.eval knows; one of {known}")
     spec = OmegaConf.to_container(cfg.benchmark, resolve=True)
     questions = spec.get("questions")
     if name in VIDEO_BENCHMARKS:
@@ -80,13 +95,21 @@ def benchmark_spec(cfg: DictConfig) -> dict | None:
     elif not questions or not os.path.isfile(questions):
         raise ConfigError("benchmark.questions", f"{questions!r} is not a file: give LLaVA's question file "
                           f"(or benchmark.root=<LLaVA's playground/data/eval>)")
-    elif not spec.get("images") or not os.path.isdir(spec["images"]):
-        raise ConfigError("benchmark.images", f"{spec.get('images')!r} is not a folder of images")
+    elif name not in MMBENCH and (not spec.get("images") or not os.path.isdir(spec["images"])):
+        raise ConfigError("benchmark.images", f"{spec.get('images')!r} is not a folder of images")  # MMBench: in the TSV
     gt = spec.get("gt")
     if gt is not None and not os.path.exists(gt):
         raise ConfigError("benchmark.gt", f"{gt!r} does not exist (null: write the answers without scoring)")
+    if name in MMBENCH and gt is not None and "answer" not in tsv_columns(gt):
+        raise ConfigError("benchmark.gt", f"{gt!r} has no 'answer' column (a test split: the MMBench server scores "
+                          f"it; set benchmark.gt=null to write the answers and the submission table)")
     if spec.get("limit") is not None and int(spec["limit"]) < 1:
         raise ConfigError("benchmark.limit", f"must be >= 1 or null, got {spec['limit']}")
+    if spec.get("all_rounds") not in (None, True, False):
+        raise ConfigError("benchmark.all_rounds", f"true, false or null (rotate when the TSV holds no circular "
+                          f"copies), got {spec['all_rounds']!r}")
+    if spec.get("max_new_tokens") is not None and int(spec["max_new_tokens"]) < 1:
+        raise ConfigError("benchmark.max_new_tokens", f"must be >= 1 or null, got {spec['max_new_tokens']}")
     return spec
 
 
@@ -116,7 +139,9 @@ class QuestionDataset(torch.utils.data.Dataset):
         text = build_prompt(q, self.suffix)
         pixel_values = None
         path = image_path(q, self.images)
-        if path is not None:
+        if q.get("image_base64"):  # MMBench: the image is in the TSV row
+            pixel_values = self.processor(load_base64_image(q["image_base64"]))
+        elif path is not None:
             with Image.open(path) as img:
                 img.load()
                 pixel_values = self.processor(img)
@@ -154,8 +179,9 @@ def placement(trainer_cfg, module) -> tuple[torch.device, contextlib.AbstractCon
 
 
 @torch.no_grad()
-def generate_answers(module, loader, device, ctx) -> list[tuple[int, str, str]]:
-    """(question index, prompt, answer text) for every question the loader yields."""
+def generate_answers(module, loader, device, ctx, max_new_tokens: int | None = None) -> list[tuple[int, str, str]]:
+    """(question index, prompt, answer text) for every question the loader yields, at most
+    ``max_new_tokens`` (default: the module's) each."""
     model = module.model
     dtype = next(model.encoder.parameters()).dtype
     out = []
@@ -166,7 +192,7 @@ def generate_answers(module, loader, device, ctx) -> list[tuple[int, str, str]]:
                 batch["gen_attention_mask"].to(device),
                 batch["pixel_values"].to(device, dtype),
                 visual_items(batch),
-                max_new_tokens=module.max_new_tokens,
+                max_new_tokens=max_new_tokens or module.max_new_tokens,
             )
         out += list(zip(batch["index"], batch["prompts"], module.decode(tokens)))
     return out
@@ -181,8 +207,8 @@ def evaluate_benchmark(spec: dict, cfg: DictConfig, module, datamodule, model_id
         module.eval()
         device, ctx = placement(cfg.trainer, module)
         return evaluate_video_benchmark(spec, cfg, module, datamodule, model_id, device, ctx)
-    questions = read_questions(spec["questions"])
-    if spec.get("limit"):
+    questions = load_benchmark_questions(spec)  # MMBench: its passes, benchmark.limit counting questions
+    if spec.get("limit") and name not in MMBENCH:
         questions = questions[: int(spec["limit"])]
     tokenizer = module.tokenizer  # the model's own (the one evaluate() built it with)
     dataset = QuestionDataset(questions, spec["images"], tokenizer, datamodule.template,
@@ -196,14 +222,26 @@ def evaluate_benchmark(spec: dict, cfg: DictConfig, module, datamodule, model_id
     device, ctx = placement(cfg.trainer, module)
     log.info("%s: %d questions from %s, batches of %d on %s", name, len(questions), spec["questions"],
              datamodule.eval_batch_size, device)
+    # eval.py's max_new_tokens, when given, is already the module's; else the benchmark's own
+    max_new = None if cfg.get("max_new_tokens") else spec.get("max_new_tokens")
     answers = []
-    for i, prompt, text in generate_answers(module, loader, device, ctx):
+    for i, prompt, text in generate_answers(module, loader, device, ctx, max_new):
         q = questions[i]
         if name == "scienceqa" and q.get("image"):
             prompt = "<image>\n" + prompt  # what LLaVA's model_vqa_science.py records
-        answers.append({"question_id": q["question_id"], "prompt": prompt, "text": text})
+        answers.append(mmbench_answer(q, text, model_id) if name in MMBENCH
+                       else {"question_id": q["question_id"], "prompt": prompt, "text": text})
     path = spec.get("answers_file") or os.path.join(cfg.paths.output_dir, "answers", f"{name}.jsonl")
-    write_answers(path, answers, model_id=model_id)
+    if name in MMBENCH:
+        write_mmbench_answers(path, answers)
+    else:
+        write_answers(path, answers, model_id=model_id)
+    extra = write_submission(spec, path, questions)
+    note = judge_note(spec, path, extra)
+    if note:
+        log.info(note)
+    if name in JUDGED:  # a GPT-4 judge scores them (the note above says how)
+        return {}, str(path)
     if spec.get("gt") is None:
         log.warning("%s: benchmark.gt is null; wrote %s without scoring", name, path)
         return {}, str(path)
@@ -296,7 +334,8 @@ def run_benchmark(spec: dict, cfg: DictConfig, module, datamodule, loggers, mete
     log_benchmark_params(cfg, loggers, spec)
     logger = mlflow_logger(loggers)
     if logger is not None:
-        for p in (path, spec.get("judge_file")):  # judge_file: Video-LLaVA's judge input (open-ended video QA)
+        extra = submission_path(spec, path) if name in BENCHMARKS + JUDGED else None  # server / judge file
+        for p in (path, spec.get("judge_file"), extra):  # judge_file: Video-LLaVA's judge input (open-ended video QA)
             if p and os.path.isfile(p):
                 logger.experiment.log_artifact(logger.run_id, p, artifact_path="answers")
         logger.finalize("success")
