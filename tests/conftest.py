@@ -66,3 +66,15 @@ class Workspace:
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("vtc"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(workspace, tmp_path_factory) -> Path:
+    """A tiny model trained by train.py (uncompressed), in the session's data cache, its own logs."""
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    env = {**workspace.env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    args = [sys.executable, str(ROOT / "train.py"), f"paths.data_dir={workspace.root / 'data'}",
+            f"paths.log_dir={root / 'outputs'}", *TINY, "seed=5", "test=false"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return next((root / "outputs" / "runs").glob("*/checkpoints/last.ckpt"))

@@ -24,7 +24,9 @@ Per ``generate`` call (one batch):
   decoded once more for exactly N tokens after the first, end-of-sequence ignored (outputs
   discarded), and the decode rate comes from that probe;
 - prefill FLOPs = ``vtc.cost.accounting.batch_flops(..., trainable=None)`` from the token counts that
-  batch actually had (the LM head at one position per sample), plus the compressor's own FLOPs.
+  batch actually had (the LM head at one position per sample), plus the compressor's own FLOPs;
+  ``BatchCost.sample_flops`` holds each sample's share (batch order), what one answer cost
+  (``vtc.eval.predict``), and ``prefill_flops`` is their sum.
 
 On CUDA the device is synchronised at each time stamp. ``warmup`` untimed ``generate`` calls are
 made on the first batch before its timed call (greedy decoding: the same tokens come out).
@@ -88,6 +90,7 @@ class BatchCost:
     decode_tokens: int = 0
     kv_bytes: int = 0
     prefill_flops: float = 0.0
+    sample_flops: list[float] = field(default_factory=list)  # per sample, in batch order
     visual_in: list[int] = field(default_factory=list)
     equiv_visual: list[float] = field(default_factory=list)
 
@@ -192,10 +195,14 @@ class CostMeter:
                 info = model.encoder.info
                 items = args[3] if len(args) > 3 else kwargs["items"]  # generate(ids, mask, pixels, items, ...)
                 items = items if items.dim() == 2 else items_from_image_index(items)
-                rec.prefill_flops = batch_flops(self.shape, prompt["lengths"], vis, seen_cpu, None, trainable=None,
-                                                extra_per_image=model.pipeline.own_flops(info.num_patches),
-                                                vision_tokens_per_layer=model.pipeline.encoder_tokens(info.num_patches),
-                                                frames_per_sample=frames_per_sample(items.cpu(), B))
+                lengths, frames = prompt["lengths"], frames_per_sample(items.cpu(), B)
+                extra = model.pipeline.own_flops(info.num_patches)
+                tower = model.pipeline.encoder_tokens(info.num_patches)
+                # batch_flops sums independent per-sample terms: one sample at a time gives each answer's.
+                rec.sample_flops = [batch_flops(self.shape, lengths[b:b + 1], vis[b:b + 1], seen_cpu[:, b:b + 1], None,
+                                                trainable=None, extra_per_image=extra, vision_tokens_per_layer=tower,
+                                                frames_per_sample=frames[b:b + 1]) for b in range(B)]
+                rec.prefill_flops = sum(rec.sample_flops)
         return (tokens, seen), rec
 
     # -- results -------------------------------------------------------------------------------------
