@@ -10,6 +10,9 @@ every test here is skipped without one.
     trainer moved to ``accelerator=gpu``: 2 GPUs (when present) and 1 GPU, losses against a
     single-device run.
 (d) greedy generation with the KV cache on CUDA equals CPU (fp32).
+(e) activation checkpointing on CUDA: the same loss and gradients (fp32, bf16 autocast), a lower
+    ``max_memory_allocated`` (vtc.bench.memory), and FSDP1 (trainer=fsdp, Lightning's
+    CheckpointWrapper by the knob's policy) on 1 GPU against the single-device losses.
 
 This file is also the launcher's script for (c): ``torchrun ... tests/test_gpu.py --trainer fsdp2
 --out DIR`` runs dist_train.main with its trainer builder swapped for a GPU one (the CPU script
@@ -214,11 +217,30 @@ def gpu_trainer(name: str, devices: int, steps: int, out: Path, callbacks: list)
 
     overrides = [f"trainer={name}", "trainer.accelerator=gpu", f"trainer.devices={devices}",
                  "trainer.precision=32-true", f"trainer.max_steps={steps}", "trainer.gradient_clip_val=1.0"]
+    overrides += os.environ.get("VTC_GPU_TEST_OVERRIDES", "").split()  # (e): the FSDP1 runs
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    callbacks = [*callbacks, _count_checkpointed(out)]
     return instantiate(cfg.trainer, default_root_dir=str(out), logger=False, callbacks=callbacks,
                        enable_progress_bar=False, limit_val_batches=0, use_distributed_sampler=False,
                        log_every_n_steps=1)
+
+
+def _count_checkpointed(out: Path):
+    """A callback writing OUT/checkpointed.txt: how many layers are activation-checkpointed once
+    training starts (Lightning's CheckpointWrapper under FSDP1, vtc's hooks elsewhere)."""
+    from lightning.pytorch.callbacks import Callback
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from vtc.distributed.activation_checkpointing import is_checkpointed
+
+    class CountCheckpointed(Callback):
+        def on_train_start(self, trainer, pl_module):
+            n = sum(isinstance(m, CheckpointWrapper) or is_checkpointed(m) for m in trainer.model.modules())
+            if trainer.is_global_zero:
+                (out / "checkpointed.txt").write_text(str(n))
+
+    return CountCheckpointed()
 
 
 def _torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
@@ -295,6 +317,57 @@ def test_generation_on_cuda_equals_cpu(name):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
     assert tok_gpu == tok_cpu
     assert torch.equal(seen_gpu.cpu(), seen_cpu)
+
+
+# -- (e) activation checkpointing on CUDA ---------------------------------------------------------
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_activation_checkpointing_same_loss_and_gradients_on_cuda(autocast):
+    """fp32 and bf16 autocast (the recomputation re-enters the forward's autocast state): the same
+    loss and gradients with the LLM and encoder layers checkpointed, vcc pooling inside the LLM."""
+    from tests.tiny import tiny_lmm, toy_batch
+    from vtc.compressors.vcc import VisualContextCompressor
+    from vtc.distributed.activation_checkpointing import apply_activation_checkpointing
+
+    batch = _to(toy_batch(), "cuda")
+    results = []
+    for parts in ((), ("llm", "encoder")):
+        model = tiny_lmm(VisualContextCompressor(layer=1, stride=2), seed=0).to("cuda").train()
+        apply_activation_checkpointing(model, parts)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    tol = 1e-2 if autocast else 1e-6
+    assert torch.allclose(l0, l1, atol=tol) and sorted(g0) == sorted(g1)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], atol=tol, rtol=tol), k
+
+
+def test_activation_checkpointing_lowers_cuda_peak_memory():
+    """vtc.bench.memory's CUDA path (torch.cuda.max_memory_allocated) at its tiny sizes."""
+    from vtc.bench import common as C
+    from vtc.bench import memory
+
+    res = memory.run(C.QUICK, steps=1, repeats=1, device="cuda", train_encoder=True, log=print)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["llm"]["peak_bytes"] < rows["off"]["peak_bytes"]
+    assert rows["llm+encoder"]["peak_bytes"] < rows["llm"]["peak_bytes"]
+
+
+def test_activation_checkpointing_fsdp1_one_gpu_same_losses(tmp_path, monkeypatch):
+    """trainer=fsdp (FSDP1: Lightning wraps the layers of the knob's parts in CheckpointWrapper, here
+    the 3 LLM and 3 encoder layers) trains to the losses of trainer=fsdp with activation_checkpointing=[].
+    Both without gradient clipping: Lightning refuses norm clipping under FSDP1 (FSDPPrecision)."""
+    runs = {}
+    for knob, wrapped in (("[llm,encoder]", 6), ("[]", 0)):
+        out = tmp_path / knob.strip("[]").replace(",", "_")
+        monkeypatch.setenv("VTC_GPU_TEST_OVERRIDES", f"trainer.gradient_clip_val=null activation_checkpointing={knob}")
+        _torchrun(1, "--trainer", "fsdp", "--out", str(out))
+        assert (out / "checkpointed.txt").read_text() == str(wrapped)
+        runs[knob] = _losses(out)
+    _compare("fsdp (FSDP1) 1 GPU, activation checkpointing [llm, encoder] vs []", runs["[llm,encoder]"], runs["[]"])
 
 
 # -- script entry for (c) -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def cfg(*overrides):
         (["data.generate.train_readout=3"], "data.generate.train_readout", "must be in 0..2"),
         (["data.generate.train_turns=1"], "data.generate.train_readout", "must be in 0..0"),
         (["data.generate.train_turns=0", "data.generate.train_readout=0"], "data.generate.train_turns", ">= 1"),
+        (["trainer=fsdp", "trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val", "refuses under FSDP1"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, words):

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vtc.assembly.compressors import build_compressors
+from vtc.assembly.lora import apply_lora
 from vtc.config import compose_conf, node_kwargs
 from vtc.data.tokenizer import load_tokenizer
 from vtc.interop.init_from import build_lmm_from_cfg
@@ -18,12 +19,19 @@ from vtc.lmm import LMM
 
 # Keys of the encoder/llm groups that describe how to obtain the part, not how to build it.
 ENCODER_META = ("pretrain", "image_size")
-LLM_META = ("tokenizer_path",)
+LLM_META = ("tokenizer_path", "lora")  # lora: adapters added to the built LLM (vtc.assembly.lora)
 
 
 def build_lmm(cfg: DictConfig, tokenizer, training: bool = False) -> LMM:
     """``training``: also attach the member the schedule adds (``vtc.assembly.compressors``); eval and export
-    build the deployed model, which never has it."""
+    build the deployed model, which never has it. With ``llm.lora.r`` set, the LLM gets its LoRA
+    adapters last, whichever way it was built (so a LoRA checkpoint's keys fit)."""
+    model = _build_lmm(cfg, tokenizer, training)
+    apply_lora(model, cfg)
+    return model
+
+
+def _build_lmm(cfg: DictConfig, tokenizer, training: bool) -> LMM:
     compressor, added = build_compressors(cfg, training=training)
     if (cfg.get("model") or {}).get("init_from"):  # a LLaVA / exported directory (vtc.interop.init_from)
         model = build_lmm_from_cfg(cfg, tokenizer)
@@ -104,7 +112,7 @@ def build_meta(cfg, compressor_cfg):
     OmegaConf.update(cfg, "encoder.path", None)  # shapes come from the config fields, not files
     OmegaConf.update(cfg, "llm.path", None)
     enc_kw = node_kwargs(cfg.encoder, drop=("pretrain", "image_size"))
-    llm_kw = node_kwargs(cfg.llm, drop=("tokenizer_path",))
+    llm_kw = node_kwargs(cfg.llm, drop=LLM_META)
     llm_kw["config"]["vocab_size"] = vocab
     llm_kw["attn_implementation"] = "sdpa"
     # Plain dicts for the builders: a released model's config has nested fields (rope_parameters)

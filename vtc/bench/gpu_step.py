@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vtc.assembly.build import LLM_META
 from vtc.bench import common as C
 from vtc.config import CONF_DIR, node_kwargs
 from vtc.lmm import LMM
@@ -95,7 +96,7 @@ def build_model(compressor: str, layers: int | None, attn: str, device: str = "c
     OmegaConf.update(cfg, "encoder.path", None)  # as build_meta: shapes from the config fields
     OmegaConf.update(cfg, "llm.path", None)
     enc_kw = node_kwargs(cfg.encoder, drop=("pretrain", "image_size"))
-    llm_kw = node_kwargs(cfg.llm, drop=("tokenizer_path",))
+    llm_kw = node_kwargs(cfg.llm, drop=LLM_META)
     enc_kw["attn_implementation"] = llm_kw["attn_implementation"] = attn
     enc_kw["dtype"] = llm_kw["dtype"] = None  # already created in dtype (the default below)
     enc_kw["_convert_"] = llm_kw["_convert_"] = "all"

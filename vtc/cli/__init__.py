@@ -24,6 +24,7 @@ MODULES = {
     "synthetic": ("vtc.synthetic.shards", "build the synthetic digit-grid VQA benchmark's shards"),
     "synthetic-video": ("vtc.synthetic.video_shards", "build the synthetic video benchmark's shards (clips of boards)"),
     "export": ("vtc.eval.export", "a trained checkpoint as a transformers Llava or vtc directory"),
+    "predict": ("vtc.eval.predict", "answer a question about an image: the answer, visual tokens, prefill FLOPs"),
     "consolidate": ("vtc.distributed.consolidate", "one torch file from a (sharded FSDP) checkpoint"),
     "report": ("vtc.runs.report", "reports from MLflow: mean +- std per configuration over seeds"),
     "study": ("vtc.runs.study", "a reproducible study: train sweep, eval sweep, report"),
@@ -38,8 +39,9 @@ BENCHES = {
     "video": ("vtc.bench.video", "a video training step: LLaVolta's first stage and temporal pooling against none"),
     "compile": ("vtc.bench.compile", "the training step, eager against torch.compile'd LLM layers"),
     "gpu_step": ("vtc.bench.gpu_step", "a LLaVA-1.5-7B-shaped training step on one GPU: tokens/s, MFU"),
+    "memory": ("vtc.bench.memory", "the training step with and without activation checkpointing: peak memory, time"),
 }
-BENCH_LINE = "benchmarks: vtc bench {compressors,curriculum,loader,video,compile,gpu_step} [--help]"
+BENCH_LINE = "benchmarks: vtc bench {compressors,curriculum,loader,video,compile,gpu_step,memory} [--help]"
 
 
 def prog_name(module: str) -> str:

@@ -30,6 +30,10 @@ optimizer state).
     and ``preprocessor_config.json``. ``model.init_from=DIR`` / ``load_llava(DIR)`` read it back.
 ``auto`` (default): ``hf`` when possible, else ``vtc``.
 
+A run trained with LoRA (``llm.lora.r``) is written merged: the adapters are folded into the base
+weights (W + B A alpha/r, :func:`vtc.model.lora.merge_lora`), so either format holds the plain
+LLM and loads without peft; ``vtc_export.json`` records the merged adapters' settings.
+
 ``--check`` reloads what was written (transformers for hf, :func:`load_llava` for vtc) and prints
 the largest logit difference from the checkpoint's model on a random two-sample batch.
 """
@@ -52,6 +56,7 @@ from vtc.interop.images import ImageSettings
 from vtc.interop.load import load_llava
 from vtc.interop.parity import max_logit_diff, vtc_logits
 from vtc.lmm import LMM
+from vtc.model.lora import merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +121,11 @@ def _tied(model: LMM) -> bool:
 
 def export_hf(model: LMM, tokenizer, out: str, image: ImageSettings, dtype: torch.dtype | None = None,
               provenance: dict | None = None) -> dict:
-    """Write ``model`` as a transformers Llava directory into ``out`` (created)."""
+    """Write ``model`` as a transformers Llava directory into ``out`` (created); LoRA adapters are
+    merged into ``model`` first (in place)."""
     from transformers import GenerationConfig, LlavaConfig, LlavaProcessor
 
+    _merge(model)
     blockers = hf_blockers(model)
     if blockers:
         raise ValueError("cannot export as a transformers Llava directory: " + "; ".join(blockers)
@@ -188,7 +195,9 @@ def export_hf(model: LMM, tokenizer, out: str, image: ImageSettings, dtype: torc
 
 def export_vtc(model: LMM, tokenizer, out: str, image: ImageSettings, compressor_cfg: dict,
                dtype: torch.dtype | None = None, provenance: dict | None = None) -> dict:
-    """Write ``model`` in vtc's own directory format (see the module docstring)."""
+    """Write ``model`` in vtc's own directory format (see the module docstring); LoRA adapters are
+    merged into ``model`` first (in place)."""
+    _merge(model)
     os.makedirs(out, exist_ok=True)
     comp = model.compressor
     has_params = comp.owns_projection or any(True for _ in comp.parameters())
@@ -222,10 +231,18 @@ def export_vtc(model: LMM, tokenizer, out: str, image: ImageSettings, compressor
     return meta
 
 
+def _merge(model: LMM) -> None:
+    n = merge_lora(model.llm)
+    if n:
+        log.info("export: LoRA adapters of %d layers merged into the LLM's weights", n)
+
+
 # -- from a checkpoint ------------------------------------------------------------------------------
 def load_trained(ckpt_path: str):
-    """(model, tokenizer, image settings, run config) of a train.py checkpoint, as eval.py builds it."""
+    """(model, tokenizer, image settings, run config) of a train.py checkpoint, as eval.py builds it;
+    a LoRA run's adapters merged into the LLM (what is exported, and what ``--check`` compares)."""
     model, tokenizer, cfg = checkpoint.load_trained(ckpt_path)
+    _merge(model)
     data = cfg.get("data") or {}
     image = ImageSettings(
         size=int(data.get("image_size") or cfg.encoder.image_size),
@@ -313,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     provenance = {"source_ckpt": os.path.abspath(args.ckpt),
                   "compressor": OmegaConf.to_container(cfg.compressor, resolve=True)}
+    lora = OmegaConf.select(cfg, "llm.lora", default=None)
+    if lora is not None and lora.get("r") is not None:
+        provenance["lora_merged"] = OmegaConf.to_container(lora, resolve=True)
     tmp = f"{args.out.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -17,9 +17,11 @@ from torch import nn
 
 from vtc.cost.accounting import batch_flops, model_shape
 from vtc.data.collate import visual_items
+from vtc.distributed.activation_checkpointing import configure_activation_checkpointing, parse_parts
 from vtc.distributed.fsdp2 import configure_fsdp2
 from vtc.lmm import LMM
 from vtc.metrics.exact_match import ExactMatchAccuracy
+from vtc.model.lora import freeze_base, has_lora
 
 PARTS = ("encoder", "compressor", "projector", "llm")
 
@@ -40,12 +42,14 @@ class LMMModule(L.LightningModule):
         tokenizer=None,
         train_parts: tuple[str, ...] = ("projector", "compressor", "llm"),
         lr: float = 1e-3,
+        projector_lr: float | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 4,
         on_nonfinite_loss: str = "stop",
+        activation_checkpointing: tuple[str, ...] = (),
     ):
         super().__init__()
         self.model = model
@@ -55,16 +59,24 @@ class LMMModule(L.LightningModule):
             raise ValueError(f"train_parts: unknown parts {sorted(unknown)}; choose from {PARTS}")
         self.train_parts = tuple(train_parts)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.projector_lr = projector_lr  # LLaVA's mm_projector_lr (its LoRA recipe: 2e-5 beside lr 2e-4)
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
         self.max_new_tokens = max_new_tokens
         if on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite_loss: {on_nonfinite_loss!r}; use stop or skip")
         self.on_nonfinite_loss = on_nonfinite_loss
+        self.activation_checkpointing = parse_parts(activation_checkpointing)
         self.nonfinite_skipped = 0
         for part in PARTS:
             for module in model.part_modules(part):
                 for p in module.parameters():
                     p.requires_grad_(part in self.train_parts)
+        # LoRA (llm.lora.r): the LLM part trains its adapters only, its base weights stay frozen; for
+        # the FLOPs count the LLM is then frozen (no weight gradients; the adapters' own are not counted).
+        self.lora = has_lora(model.llm)
+        if self.lora and "llm" in self.train_parts:
+            freeze_base(model.llm)
+        self.cost_parts = tuple(p for p in self.train_parts if not (self.lora and p == "llm"))
         self.val_acc = ExactMatchAccuracy()
         self.test_acc = ExactMatchAccuracy()
         self.type_acc = nn.ModuleDict()
@@ -95,9 +107,11 @@ class LMMModule(L.LightningModule):
         return self.model(batch)
 
     def configure_model(self) -> None:
-        # Parallelism is applied from outside the model: FSDP2 under ModelParallelStrategy
-        # (trainer=fsdp2) shards self.model block by block; every other strategy: nothing to do.
-
+        # Applied from outside the model: activation checkpointing of the layers of
+        # ``activation_checkpointing`` (FSDP1 does it itself, from the same policy), then FSDP2 under
+        # ModelParallelStrategy (trainer=fsdp2) shards self.model block by block; checkpointing goes
+        # first so that FSDP2 also gathers a layer's weights for its recomputation in backward.
+        configure_activation_checkpointing(self, self.activation_checkpointing)
         configure_fsdp2(self)
 
     # -- training --------------------------------------------------------------------------------
@@ -126,7 +140,7 @@ class LMMModule(L.LightningModule):
         pipeline = self.model.pipeline
         # Every forward the step ran (M3: one per scale) is counted, at the chain's token counts.
         step_flops = sum(batch_flops(self.shape, o.lengths, o.visual_in, o.seen, o.targets_per_sample,
-                                     trainable=self.train_parts, extra_per_image=pipeline.own_flops(n),
+                                     trainable=self.cost_parts, extra_per_image=pipeline.own_flops(n),
                                      vision_tokens_per_layer=pipeline.encoder_tokens(n), frames_per_sample=o.frames)
                          for o in out.all_passes())
         self.flops_cum += step_flops * self.trainer.world_size
@@ -256,11 +270,20 @@ class LMMModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         decay, no_decay = [], []
+        projector = {id(p) for m in self.model.part_modules("projector") for p in m.parameters()}
+        own_lr = self.projector_lr is not None
+        proj_decay, proj_no_decay = [], []  # the projector's, when it has its own lr (projector_lr)
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 else decay).append(p)
+            if own_lr and id(p) in projector:
+                (proj_no_decay if p.ndim < 2 else proj_decay).append(p)
+            else:
+                (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if own_lr:
+            groups += [{"params": proj_decay, "weight_decay": self.weight_decay, "lr": self.projector_lr},
+                       {"params": proj_no_decay, "weight_decay": 0.0, "lr": self.projector_lr}]
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(self.warmup_ratio * total)
