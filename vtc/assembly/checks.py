@@ -4,12 +4,15 @@ Every error is a ``ConfigError`` whose message starts with the key to change.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vtc.assembly.compressors import check_compression
+from vtc.assembly.lora import check_lora
+from vtc.distributed.activation_checkpointing import parse_parts
 from vtc.errors import ConfigError
 from vtc.model.compile import should_compile
 from vtc.model.encoder import EncoderInfo, encoder_info, load_vision_config
@@ -118,10 +121,15 @@ def check_config(cfg: DictConfig, training: bool = True) -> tuple[EncoderInfo, i
     check_frame_embeddings(cfg)
     check_generate(cfg)
     check_data_requirements(cfg, training)
+    check_loggers(cfg)
     if "compile_llm" in cfg:
         should_compile(cfg.compile_llm, "cpu", 0)  # a bad value fails here, naming the key
 
     check_compression(cfg, info, depth, training)  # the chain, the schedule's stages, kernels, strategy
+    if training:
+        check_activation_checkpointing(cfg)
+        check_fsdp1_clipping(cfg)
+    check_lora(cfg, training)  # llm.lora: rank, alpha, dropout, target layers, train_parts, strategy
     max_steps = OmegaConf.select(cfg, "trainer.max_steps")
     if max_steps is not None and max_steps != -1 and max_steps <= 0:
         raise ConfigError("trainer.max_steps", f"must be positive (or -1 for epochs), got {max_steps}")
@@ -130,6 +138,28 @@ def check_config(cfg: DictConfig, training: bool = True) -> tuple[EncoderInfo, i
         if v is not None and v <= 0:
             raise ConfigError(key, f"must be positive, got {v}")
     return info, depth
+
+
+def check_activation_checkpointing(cfg: DictConfig) -> None:
+    """``activation_checkpointing``: a list of parts; not the LLM's layers with ``compile_llm`` on
+    (the checkpoint would recompute the eager layer in backward, which saves other tensors than the
+    compiled one: torch stops the step with a CheckpointError); under FSDPStrategy, a policy that
+    reads the knob (conf/trainer/fsdp.yaml), since that strategy checkpoints by itself."""
+    parts = parse_parts(cfg.get("activation_checkpointing"))
+    if not parts:
+        return
+    compile_llm = cfg.get("compile_llm", False)
+    if "llm" in parts and should_compile(compile_llm, OmegaConf.select(cfg, "trainer.accelerator") or "cpu",
+                                         OmegaConf.select(cfg, "trainer.max_steps")):
+        raise ConfigError("activation_checkpointing", f"{list(parts)} checkpoints the LLM layers, which "
+                          f"compile_llm={compile_llm} compiles (auto: on for CPU runs of >= 500 steps); the two do "
+                          "not compose: set compile_llm=false, or drop llm (activation_checkpointing=[])")
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    if target.endswith("FSDPStrategy") and not strategy.get("activation_checkpointing_policy"):
+        raise ConfigError("trainer.strategy.activation_checkpointing_policy", f"is not set, so FSDP1 would not "
+                          f"checkpoint the activation_checkpointing={list(parts)} layers (it checkpoints by its own "
+                          "policy); use trainer=fsdp, whose policy reads activation_checkpointing")
 
 
 def check_data_requirements(cfg: DictConfig, training: bool = True) -> None:
@@ -211,3 +241,32 @@ def check_data_requirements(cfg: DictConfig, training: bool = True) -> None:
     if metric.startswith("val/") and not has_split("val") and sweeper_needs_metric():
         raise ConfigError("data.val_shards", f"the sweep optimises optimized_metric={metric}, which needs "
                           "validation, and this data has no val split: give data.val_shards=<LLaVA-format shards>")
+
+
+# The package each Lightning logger imports when it starts (any of them), and the extra that has it.
+LOGGER_PACKAGES = {"TensorBoardLogger": (("tensorboard", "tensorboardX"), "loggers"),
+                   "WandbLogger": (("wandb",), "loggers"), "MLFlowLogger": (("mlflow",), "")}
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Each ``logger.<name>`` whose package is missing, refused before the run starts (Lightning
+    would fail at the first metric, after data and model were built)."""
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
+        packages, extra = LOGGER_PACKAGES.get(target, ((), ""))
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            how = f"pip install -e '.[{extra}]'" if extra else f"pip install {packages[0]}"
+            raise ConfigError(f"logger.{name}", f"needs the {' or '.join(packages)} package, which is not installed: "
+                              f"{how}, or drop it from logger=[...]")
+
+
+def check_fsdp1_clipping(cfg: DictConfig) -> None:
+    """Lightning's FSDPPrecision (trainer=fsdp) refuses norm clipping at the first training step."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    algorithm = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm") or "norm"
+    if target.endswith("FSDPStrategy") and clip and algorithm == "norm":
+        raise ConfigError("trainer.gradient_clip_val", f"{clip} clips by the gradient norm, which Lightning refuses "
+                          "under FSDP1 (trainer=fsdp) at the first step; set trainer.gradient_clip_val=null, or use "
+                          "trainer=fsdp2, which clips")

@@ -7,7 +7,6 @@ import logging
 import os
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vtc.assembly.build import build_datamodule
@@ -16,9 +15,9 @@ from vtc.assembly.checks import check_config
 from vtc.data.tokenizer import load_tokenizer
 from vtc.eval.bench import benchmark_spec, cost_meter, log_benchmark_params, log_cost, run_benchmark
 from vtc.eval.init_from import apply_eval_choices, check_zero_shot, eval_source, init_from_config, prompt_settings
-from vtc.runs.tracking import ensure_experiment, log_config, mlflow_logger, parent_tags
+from vtc.runs.tracking import log_config_all, mlflow_logger
 from vtc.train.console import route_lightning_logs
-from vtc.train.task import build_module, write_predictions
+from vtc.train.task import build_loggers, build_module, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +52,18 @@ def evaluate(cfg: DictConfig) -> float | None:
     # A LLaVA benchmark only needs the prompt and image settings; a released model has no data split.
     datamodule = prompt_settings(run_cfg) if ckpt is None and bench is not None else build_datamodule(run_cfg)
 
-    loggers = []
-    if cfg.get("logger") and cfg.logger.get("mlflow"):
-        kw = OmegaConf.to_container(cfg.logger.mlflow, resolve=True)
-        ensure_experiment(kw["tracking_uri"], kw["experiment_name"])
-        kw["tags"] = {**parent_tags(), "vtc.source": os.path.abspath(source)}
-        if ckpt is not None:
-            kw["tags"].update({"vtc.source_run_id": ckpt["vtc"].get("mlflow_run_id") or "",
-                               "vtc.ckpt_path": os.path.abspath(source)})
-        else:  # a released model: no training run to point at
-            kw["tags"]["vtc.init_from"] = os.path.abspath(source)
-        loggers.append(instantiate(kw))
+    tags = {"vtc.source": os.path.abspath(source)}  # MLflow: where the evaluated weights come from
+    if ckpt is not None:
+        tags.update({"vtc.source_run_id": ckpt["vtc"].get("mlflow_run_id") or "", "vtc.ckpt_path": tags["vtc.source"]})
+    else:  # a released model: no training run to point at
+        tags["vtc.init_from"] = tags["vtc.source"]
+    loggers = build_loggers(cfg, tags=tags)
     route_lightning_logs()
     trainer = L.Trainer(logger=loggers or False, enable_checkpointing=False, enable_model_summary=False,
                         **OmegaConf.to_container(cfg.trainer, resolve=True))
     out_dir = cfg.paths.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    logger = mlflow_logger(loggers)  # eval builds only the MLflow logger, or none
-    if logger is not None:
-        log_config(logger, run_cfg, out_dir)
+    log_config_all(loggers, run_cfg, out_dir)
 
     meter = cost_meter(cfg, module.model)
     if bench is not None:
@@ -81,6 +73,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     path = os.path.join(out_dir, "predictions.jsonl")
     write_predictions(path, module.predictions)
+    logger = mlflow_logger(loggers)
     if logger is not None:
         logger.experiment.log_artifact(logger.run_id, path)
     metrics.update(log_cost(cfg, meter, loggers))

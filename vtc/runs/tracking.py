@@ -106,6 +106,20 @@ def history_mean(client, run_id: str, key: str) -> float | None:
     return sum((step - prev) * v for (step, v), prev in zip(points, starts)) / (points[-1][0] + 1)
 
 
+def storage_path(sweeper: DictConfig) -> str | None:
+    """The study file of an Optuna sweeper kept in vtc.runs.optuna_resume.FileStorage, else None."""
+    node = sweeper.get("storage")
+    if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("FileStorage"):
+        return os.path.abspath(str(node.path))
+    return None
+
+
+def optuna_study_key(sweeper: DictConfig) -> str | None:
+    """``<study file>#<study name>`` of a resumable Optuna sweep (the tag its MLflow parent carries)."""
+    path = storage_path(sweeper)
+    return f"{path}#{sweeper.study_name}" if path else None
+
+
 class MLflowSweepParent(Callback):
     """Hydra callback: a multirun gets one parent run; each job's run is tagged as its child."""
 
@@ -122,14 +136,21 @@ class MLflowSweepParent(Callback):
         exp_id = ensure_experiment(self.uri, config.logger.mlflow.experiment_name)
         client = MlflowClient(tracking_uri=self.uri)
         sweep_dir = config.hydra.sweep.dir
-        run = with_retries(lambda: client.create_run(
-            exp_id,
-            run_name=f"sweep {os.path.basename(sweep_dir)}",
-            tags={"vtc.sweep_dir": sweep_dir, "vtc.kind": "sweep"},
-        ), "sweep parent creation")
-        self.run_id = run.info.run_id
-        overrides = " ".join(config.hydra.overrides.task)[:6000]
-        with_retries(lambda: client.log_param(self.run_id, "sweep.overrides", overrides), "sweep param")
+        study = optuna_study_key(config.hydra.sweeper)
+        earlier = with_retries(lambda: client.search_runs(
+            [exp_id], f"tags.`vtc.optuna_study` = '{study}'", max_results=1), "sweep parent lookup") if study else []
+        if earlier:  # a relaunched Optuna study: its trials stay children of one parent
+            self.run_id = earlier[0].info.run_id
+            with_retries(lambda: client.update_run(self.run_id, status="RUNNING"), "sweep parent reopen")
+            with_retries(lambda: client.set_tag(self.run_id, "vtc.sweep_dir", sweep_dir), "sweep parent tag")
+            log.info("MLflow parent run %s continues Optuna study %s", self.run_id, study)
+        else:
+            tags = {"vtc.sweep_dir": sweep_dir, "vtc.kind": "sweep", **({"vtc.optuna_study": study} if study else {})}
+            run = with_retries(lambda: client.create_run(
+                exp_id, run_name=f"sweep {os.path.basename(sweep_dir)}", tags=tags), "sweep parent creation")
+            self.run_id = run.info.run_id
+            overrides = " ".join(config.hydra.overrides.task)[:6000]
+            with_retries(lambda: client.log_param(self.run_id, "sweep.overrides", overrides), "sweep param")
         os.environ[PARENT_ENV] = self.run_id
         log.info("MLflow parent run %s for sweep %s", self.run_id, sweep_dir)
 
@@ -154,6 +175,24 @@ def mlflow_logger(loggers):
     return next((lg for lg in loggers if hasattr(lg, "run_id")), None)
 
 
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The flattened resolved config (without ``hydra``) as string params: what every logger records."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    return {k: str(v)[:6000] for k, v in flatten(resolved).items()}
+
+
+def log_config_all(loggers, cfg: DictConfig, output_dir: str | None) -> None:
+    """The run's config to each logger: MLflow as params + the config.yaml artifact
+    (:func:`log_config`); any other Lightning logger (TensorBoard, W&B, CSV) through its
+    ``log_hyperparams``, the same flattened keys and values."""
+    for lg in loggers or []:
+        if hasattr(lg, "run_id"):
+            log_config(lg, cfg, output_dir)
+        else:
+            lg.log_hyperparams(config_params(cfg))
+
+
 def log_config(logger, cfg: DictConfig, output_dir: str | None) -> None:
     """Params = the flattened resolved config (only keys not logged yet); artifact = config.yaml."""
 
@@ -162,9 +201,7 @@ def log_config(logger, cfg: DictConfig, output_dir: str | None) -> None:
     client = logger.experiment
     run = client.get_run(logger.run_id)
     already = run.data.params
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    params = {k: str(v)[:6000] for k, v in flatten(resolved).items()}
+    params = config_params(cfg)
     fresh = {k: v for k, v in params.items() if k not in already}
     changed = sorted(k for k, v in params.items() if k in already and already[k] != v)
     if changed:

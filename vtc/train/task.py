@@ -21,7 +21,7 @@ from vtc.distributed.checkpoints import checkpoint_meta, is_sharded_checkpoint
 from vtc.errors import ConfigError
 from vtc.interop.init_from import resolve_init_from
 from vtc.model.compile import should_compile
-from vtc.runs.tracking import closed_run, ensure_experiment, log_config, parent_tags
+from vtc.runs.tracking import closed_run, ensure_experiment, log_config_all, parent_tags
 from vtc.runs.tracking import mlflow_logger as find_mlflow_logger
 from vtc.synthetic.prepare import prepare
 
@@ -52,7 +52,10 @@ def stored_run_id(ckpt: str | None) -> str | None:
     return (state.get("vtc") or {}).get("mlflow_run_id")
 
 
-def build_loggers(cfg: DictConfig, run_id: str | None = None) -> list:
+def build_loggers(cfg: DictConfig, run_id: str | None = None, tags: dict | None = None) -> list:
+    """One Lightning logger per ``logger.<name>`` node (``logger=[mlflow,tensorboard]`` gives two).
+    MLflow: the experiment made first, the sweep parent's tag and ``tags`` on a new run, or
+    ``run_id`` to continue a resumed run's curves."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
@@ -63,7 +66,7 @@ def build_loggers(cfg: DictConfig, run_id: str | None = None) -> list:
             if run_id:
                 kwargs["run_id"] = run_id  # metrics continue on the same curves
             else:
-                kwargs["tags"] = {**(kwargs.get("tags") or {}), **parent_tags()}
+                kwargs["tags"] = {**(kwargs.get("tags") or {}), **parent_tags(), **(tags or {})}
         loggers.append(instantiate(kwargs))
     return loggers
 
@@ -101,6 +104,7 @@ def build_module(cfg: DictConfig, tokenizer):
         train_parts=tuple(cfg.train_parts),
         max_new_tokens=cfg.generation.max_new_tokens,
         on_nonfinite_loss=cfg.get("on_nonfinite_loss", "stop"),
+        activation_checkpointing=tuple(cfg.get("activation_checkpointing") or ()),
         **OmegaConf.to_container(cfg.optim, resolve=True),
     )
 
@@ -143,7 +147,7 @@ def train(cfg: DictConfig) -> float | None:
     module.run_config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     module.mlflow_run_id = mlflow_logger.run_id if mlflow_logger is not None else None
     if trainer.is_global_zero:
-        log_config(mlflow_logger, cfg, output_dir)
+        log_config_all(loggers, cfg, output_dir)
         where = f"run folder {output_dir}"
         if mlflow_logger is not None:
             where += (f"; MLflow run {mlflow_logger.run_id} (experiment {cfg.logger.mlflow.experiment_name}, "
