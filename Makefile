@@ -7,16 +7,26 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtc-installed
 ARGS ?=
 
-.PHONY: setup train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video study-zoo study-zoo-trained
+.PHONY: setup setup-lmms train test test-fast eval mlflow bench clean-runs report study-fig1 study-stf study-stages study-video study-zoo study-zoo-trained
 
 setup: $(STAMP)
 
+# Every install after torch's is constrained to that torch: no extra may swap the CPU build for
+# another (lmms-eval's own requirements would pull a CUDA torch 2.14).
+TORCH := torch==2.13.0
+LMMS_EVAL := lmms-eval==0.7.3
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH) $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+	$(PY) -m pip install -q -c <(echo $(TORCH)) -e '.[dev,loggers,lmms]'
+	$(PY) -m pip install -q -c <(echo $(TORCH)) --no-deps '$(LMMS_EVAL)'
 	touch $(STAMP)
+
+## The lmms-eval plugin's packages into an existing environment (what setup installs for it).
+setup-lmms:
+	$(PY) -m pip install -q -c <(echo $(TORCH)) -e '.[lmms]'
+	$(PY) -m pip install -q -c <(echo $(TORCH)) --no-deps '$(LMMS_EVAL)'
 
 ## Train the tiny model on the synthetic set (generated on first use), evaluate, log to MLflow.
 train: setup
