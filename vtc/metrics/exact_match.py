@@ -101,6 +101,9 @@ class TextVQAAccuracy(_Accuracy):
     ``compute()`` -> 0-dim float64 tensor, the mean soft accuracy in [0, 1].
     """
 
+    def soft_score(self, pred: str, gts: list[str]) -> float:
+        return leave_one_out_accuracy(normalize_answer_evalai(pred), [normalize_answer_evalai(a) for a in gts])
+
     def update(self, preds: Sequence[str], answers: Sequence[Sequence[str]]) -> None:
         if len(preds) != len(answers):
             raise ValueError(f"{len(preds)} predictions for {len(answers)} answer lists")
@@ -108,6 +111,6 @@ class TextVQAAccuracy(_Accuracy):
         for p, gts in zip(preds, answers):
             if isinstance(gts, str):
                 raise TypeError("answers of one question must be a list of strings, not a string")
-            total += leave_one_out_accuracy(normalize_answer_evalai(p), [normalize_answer_evalai(a) for a in gts])
+            total += self.soft_score(p, [str(a) for a in gts])
         self.score += total
         self.total += len(preds)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
+from vtc.metrics.exact_match import TextVQAAccuracy
 from vtc.metrics.normalize import normalize_answer, normalize_answer_evalai
 from vtc.metrics.vqav2 import leave_one_out_accuracy
 
@@ -45,38 +46,16 @@ def vizwiz_prediction(text: str) -> str:
     return normalize_answer(normalize_answer_evalai(text))
 
 
-class VizWizAccuracy(Metric):
-    """Mean VizWiz soft accuracy (module docstring).
+class VizWizAccuracy(TextVQAAccuracy):
+    """Mean VizWiz soft accuracy (module docstring): TextVQA's leave-one-out average, with the
+    prediction processed as the VizWiz server does and the annotators' answers compared as stored.
 
     ``update(preds, answers)``: the model's raw answers and, per question, the annotators' answer
-    strings as stored. ``compute()`` -> 0-dim float64 tensor in [0, 1], 0 before any update.
-    States ``score`` (float64) and ``total``, ``dist_reduce_fx="sum"``.
+    strings. ``compute()`` -> 0-dim float64 tensor in [0, 1], 0 before any update.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("score", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[str], answers: Sequence[Sequence[str]]) -> None:
-        if len(preds) != len(answers):
-            raise ValueError(f"{len(preds)} predictions for {len(answers)} answer lists")
-        total = 0.0
-        for p, gts in zip(preds, answers):
-            if isinstance(gts, str):
-                raise TypeError("answers of one question must be a list of strings, not a string")
-            total += leave_one_out_accuracy(vizwiz_prediction(p), [str(a) for a in gts])
-        self.score += total
-        self.total += len(preds)
-
-    def compute(self) -> torch.Tensor:
-        if int(self.total) == 0:
-            return torch.tensor(0.0, dtype=torch.float64)
-        return self.score / self.total
+    def soft_score(self, pred: str, gts: list[str]) -> float:
+        return leave_one_out_accuracy(vizwiz_prediction(pred), gts)
 
 
 class VizWizUnanswerableF1(Metric):
