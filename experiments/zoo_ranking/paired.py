@@ -1,0 +1,119 @@
+"""Part 2 of experiments/zoo_ranking against part 1, seed by seed: what fine-tuning with a method
+buys over applying it at test time to the same uncompressed model.
+
+    python experiments/zoo_ranking/paired.py --tracking-uri sqlite:///<the studies' store>
+
+Reads, from MLflow, the part-2 training runs (experiment ``zoo_ranking_trained``; its newest sweep
+parent unless ``--parent``) and part 1's test-time evaluations (the eval sweep named in
+results/study.json), pairs them by method option and seed (part 2 starts from part 1's model of
+the same seed), and writes results/trained/paired.md and .json: per method the seeds both parts
+have, test accuracy (and by question type) trained, training-free, and their paired difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from vtc.runs.fetch import fetch_runs, latest_parent
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+TYPES = ("cell", "count", "relation")
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [100 * x for x in xs]
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def trained_runs(client, parent: str | None) -> dict[tuple[str, int], dict]:
+    runs = fetch_runs(client, "zoo_ranking_trained", parent or latest_parent(client, "zoo_ranking_trained"))
+    out = {}
+    for r in runs:
+        if r.info.status != "FINISHED" or "test/acc" not in r.data.metrics:
+            continue
+        out[(r.data.params["ablation"] if "ablation" in r.data.params else
+             re.search(r"ablation=(\w+)", r.data.tags["mlflow.runName"]).group(1), int(r.data.params["seed"]))] = r.data.metrics
+    return out
+
+
+def training_free_runs(client) -> dict[tuple[str, int], dict]:
+    study = json.loads((HERE / "results" / "study.json").read_text())
+    out = {}
+    for r in fetch_runs(client, study["mlflow"]["eval"]["experiment"], study["mlflow"]["eval"]["parent"]):
+        name = r.data.tags["mlflow.runName"]
+        option = re.search(r"\+ablation=(\w+)", name).group(1)
+        seed = int(re.search(r"seed_(\d+)", r.data.tags["vtc.ckpt_path"]).group(1))
+        out[(option, seed)] = r.data.metrics
+    return out
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tracking-uri", required=True)
+    ap.add_argument("--parent", default=None, help="part 2's sweep parent run id (default: the newest)")
+    a = ap.parse_args(argv)
+    client = MlflowClient(tracking_uri=a.tracking_uri)
+    trained, free = trained_runs(client, a.parent), training_free_runs(client)
+    arms = yaml.safe_load((ROOT / "conf/experiment/zoo_ranking_trained.yaml").read_text())
+    options = str(arms["hydra"]["sweeper"]["params"]["ablation"]).split(",")
+    rows, table = [], []
+    for option in options:
+        seeds = sorted(s for o, s in trained if o == option)
+        if not seeds:
+            continue
+        t = [trained[(option, s)]["test/acc"] for s in seeds]
+        # Methods with parameters (stf, stf_mbtf, voco) have no training-free counterpart.
+        f = [free[(option, s)]["test/acc"] for s in seeds] if all((option, s) in free for s in seeds) else None
+        row = {"option": option, "seeds": seeds, "trained": t, "training_free": f,
+               "trained_by_type": {k: [trained[(option, s)][f"test/acc_{k}"] for s in seeds] for k in TYPES}}
+        rows.append(row)
+        table.append(f"| {option} | {len(seeds)} | **{mean_std(t)}** | {mean_std(f) if f else '-'} | "
+                     f"{mean_std([x - y for x, y in zip(t, f)]) if f else '-'} | "
+                     + " | ".join(mean_std(row["trained_by_type"][k]) for k in TYPES) + " |")
+    out = HERE / "results" / "trained"
+    out.mkdir(parents=True, exist_ok=True)
+    head = ("| option | seeds | trained (200 steps) | training-free (part 1) | gain | cell | count | relation |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    (out / "paired.md").write_text(head + "\n".join(table) + "\n")
+    (out / "paired.json").write_text(json.dumps(rows, indent=1))
+    print(head + "\n".join(table))
+    plot(rows, out / "paired.png")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Per method: the training-free accuracy (open) and the fine-tuned one (filled), seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, row in enumerate(rows):
+        t = [100 * x for x in row["trained"]]
+        ax.scatter([i + 0.1] * len(t), t, color="C0", s=14, alpha=0.5)
+        ax.scatter(i + 0.1, statistics.mean(t), color="C0", s=60, label="fine-tuned with it (200 steps)" if i == 0 else None)
+        if row["training_free"]:
+            f = [100 * x for x in row["training_free"]]
+            ax.scatter([i - 0.1] * len(f), f, color="C1", s=14, alpha=0.5)
+            ax.scatter(i - 0.1, statistics.mean(f), facecolors="none", edgecolors="C1", s=60,
+                       label="at test time only (part 1)" if i == 0 else None)
+    base = next(r for r in rows if r["option"] == "random_prune_16")
+    ax.axhline(100 * statistics.mean(base["trained"]), color="grey", lw=0.8, ls="--", label="random pruning, fine-tuned")
+    ax.set_xticks(range(len(rows)), [r["option"] for r in rows], rotation=40, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("zoo_ranking part 2: 16 of 64 visual tokens, same model and seeds as part 1")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
