@@ -34,6 +34,7 @@ HELP_MARKERS = {
     "bench curriculum": ["usage: vtc bench curriculum", "--schedule"],
     "bench loader": ["--shuffle-buffer"],
     "bench memory": ["--train-encoder"],
+    "bench inference_memory": ["--trained", "--ablation"],
     "bench video": ["usage: vtc bench video", "--skip-loader"],
     "bench compile": ["usage: vtc bench compile", "torch.compile"],
     "bench gpu_step": ["--text-tokens"],

@@ -40,8 +40,9 @@ BENCHES = {
     "compile": ("vtc.bench.compile", "the training step, eager against torch.compile'd LLM layers"),
     "gpu_step": ("vtc.bench.gpu_step", "a LLaVA-1.5-7B-shaped training step on one GPU: tokens/s, MFU"),
     "memory": ("vtc.bench.memory", "the training step with and without activation checkpointing: peak memory, time"),
+    "inference_memory": ("vtc.bench.inference_memory", "answering per compressor on checkpoints: peak memory, time"),
 }
-BENCH_LINE = "benchmarks: vtc bench {compressors,curriculum,loader,video,compile,gpu_step,memory} [--help]"
+BENCH_LINE = "benchmarks: vtc bench {compressors,curriculum,loader,video,compile,gpu_step,memory,inference_memory} [--help]"
 
 
 def prog_name(module: str) -> str:

@@ -101,9 +101,12 @@ def _set_knobs(node: DictConfig, knobs: Mapping, key: str, name: str) -> None:
 
 def compressor_node(compressor) -> DictConfig | None:
     """``None`` (the model's own), a config name, or ``{"name": NAME, **knobs}`` -> the node
-    ``eval.py compressor=NAME compressor.KNOB=VALUE`` would compose; refused naming the key."""
+    ``eval.py compressor=NAME compressor.KNOB=VALUE`` would compose; refused naming the key. A
+    composed compressor node (a ``DictConfig`` with ``_target_``) is taken as it is."""
     if compressor is None:
         return None
+    if isinstance(compressor, DictConfig) and "_target_" in compressor:  # composed already (an ablation's node)
+        return OmegaConf.create(OmegaConf.to_container(compressor, resolve=True))
     if isinstance(compressor, str):
         name, knobs = compressor, {}
     elif isinstance(compressor, Mapping) and "name" in compressor:
