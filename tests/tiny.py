@@ -142,3 +142,29 @@ def check_pre_llm_batch_equals_singles(model: LMM, batch: dict, steps: int = 3) 
         assert model.generate(s["input_ids"], s["attention_mask"], s["pixel_values"], s["image_index"], steps)[0][0] \
             == full[i]
     return vis
+
+
+def in_llm_config_stage_counts(name: str, comp, n: int = 64) -> list[int]:
+    """Shared by the in-LLM dropping configs (PyramidDrop, SparseVLM): ``compressor=name`` composes
+    with its layers scaled to the tiny 4-layer LLM, LLaVA's layers [8,16,24] are refused naming the
+    key and the tiny LLM's scaled layers, and under ``schedule=coarse_to_fine`` the tokens ``comp``
+    keeps of ``n`` at each stage are returned (for the caller's budget check)."""
+    import pytest
+
+    from vtc.assembly.checks import check_config
+    from vtc.compressors.schedule import resolve_stages, schedule_stages
+    from vtc.config import compose_conf
+    from vtc.errors import ConfigError
+    from vtc.model.encoder import EncoderInfo
+
+    check_config(compose_conf("train", [f"compressor={name}"]))
+    with pytest.raises(ConfigError) as e:
+        check_config(compose_conf("train", [f"compressor={name}", "compressor.layers=[8,16,24]"]))
+    assert e.value.key == "compressor.layers" and "[1, 2, 3]" in e.value.message
+    cfg = compose_conf("train", [f"compressor={name}", "schedule=coarse_to_fine"])
+    check_config(cfg)
+    kept = []
+    for knobs in resolve_stages(schedule_stages(cfg.schedule, 4), comp, n, EncoderInfo(336, 14, 1024, 24, True, -2)):
+        comp.set_knobs(**knobs)
+        kept.append(comp.kept(n))
+    return kept

@@ -11,7 +11,8 @@ import torch
 from vtc.compressors.pyramid_drop import PyramidDrop, scaled_layers
 from vtc.errors import ConfigError
 from vtc.model.encoder import EncoderInfo
-from tests.tiny import IMG, eager_attention_map, greedy_by_recompute, single, tiny_lmm, toy_batch
+from tests.tiny import (IMG, eager_attention_map, greedy_by_recompute, in_llm_config_stage_counts, single, tiny_lmm,
+                        toy_batch)
 
 CLIP_L = EncoderInfo(336, 14, 1024, 24, True, -2)
 LAYERS, RATIO = [0, 1, 2], 0.7  # 16 -> 11 -> 7 -> 5 (a floor of floors would give 4 at the last stage)
@@ -194,20 +195,5 @@ def test_training_gradients_and_an_image_token_query():
 
 
 def test_the_config_composes_and_scales():
-    from vtc.assembly.checks import check_config
-    from vtc.compressors.schedule import resolve_stages, schedule_stages
-    from vtc.config import compose_conf
-
-    check_config(compose_conf("train", ["compressor=pyramid_drop"]))  # layers: null, scaled to the tiny LLM's 4
-    with pytest.raises(ConfigError) as e:  # LLaVA's layers on the 4-layer tiny LLM
-        check_config(compose_conf("train", ["compressor=pyramid_drop", "compressor.layers=[8,16,24]"]))
-    assert e.value.key == "compressor.layers" and "[1, 2, 3]" in e.value.message
-    cfg = compose_conf("train", ["compressor=pyramid_drop", "schedule=coarse_to_fine"])
-    check_config(cfg)
-    comp = PyramidDrop([1, 2, 3], 0.5)
-    knobs = resolve_stages(schedule_stages(cfg.schedule, 4), comp, 64, CLIP_L)
-    kept = []
-    for k in knobs:
-        comp.set_knobs(**k)
-        kept.append(comp.kept(64))
+    kept = in_llm_config_stage_counts("pyramid_drop", PyramidDrop([1, 2, 3], 0.5))
     assert kept == [2, 4, 8]  # a quarter, a half, then all of the configured 8
