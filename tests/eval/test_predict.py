@@ -1,7 +1,7 @@
 """``vtc.load(path).generate(...)`` and ``vtc predict`` (vtc/eval/predict.py) against eval.py.
 
 Two sources: a tiny vtc checkpoint trained by train.py (its synthetic test split is what eval.py
-evaluates it on), and the tiny transformers-Llava directory of tests/interop/test_llava_interop.py
+evaluates it on), and the tiny transformers-Llava directory of tests/interop/llava_dirs.py
 (eval.py reads it with ``model.init_from``; the GQA files are tests/eval/test_zero_shot_eval.py's).
 The reference each time is eval.py's own task run in this process (``vtc.eval.task.evaluate``, on
 its default trainer: the CPU, so the models here are loaded with ``device="cpu"`` too): its answers
@@ -22,7 +22,7 @@ from PIL import Image
 import vtc
 from tests.conftest import ROOT
 from tests.eval.test_zero_shot_eval import IMAGES, MAX_NEW, QUESTIONS, eval_cfg, write_gqa
-from tests.interop.test_llava_interop import N, dirs  # noqa: F401  (fixture: the tiny Llava directories)
+from tests.interop.llava_dirs import N, dirs  # noqa: F401  (fixture: the tiny Llava directories)
 from vtc.errors import ConfigError
 
 slow = pytest.mark.slow

@@ -1,6 +1,6 @@
 """eval.py on the video benchmarks (conf/benchmark/{msvd_qa,msrvtt_qa,activitynet_qa,mvbench}.yaml,
 vtc/eval/video_bench.py), end to end in-process on the tiny released Llava of
-tests/interop/test_llava_interop.py (``dirs``; 4x4 patches per frame).
+tests/interop/llava_dirs.py (``dirs``; 4x4 patches per frame).
 
 The fixture videos are real mp4 files written here with PyAV (solid colours, as
 tests/data/test_convert_video.py writes them), a folder of frame images (MVBench's
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import ROOT
-from tests.interop.test_llava_interop import dirs  # noqa: F401  (fixture: the tiny Llava directories)
+from tests.interop.llava_dirs import dirs  # noqa: F401  (fixture: the tiny Llava directories)
 from vtc.data.video_qa import MVBENCH_SYSTEM
 from vtc.errors import ConfigError
 

@@ -1,7 +1,7 @@
 """Zero-shot evaluation of a released LLaVA directory: ``eval.py model.init_from=DIR`` with no vtc
 checkpoint (LLaVolta's Figure 1 experiment), and ``python -m vtc.cli.flops model.init_from=DIR``.
 
-The tiny transformers-Llava directory is tests/interop/test_llava_interop.py's (``dirs`` fixture); the GQA
+The tiny transformers-Llava directory is tests/interop/llava_dirs.py's (``dirs`` fixture); the GQA
 files follow LLaVA's playground layout (tests/eval/test_eval_benchmarks.py's writers). The reference
 answers come from transformers' ``LlavaForConditionalGeneration`` on inputs this file builds
 itself, the way LLaVA does: the ``conv_vicuna_v1`` prompt tokenised in one piece with ``<s>`` in
@@ -19,7 +19,7 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.eval.test_eval_benchmarks import SHORT, _img, _json, _jsonl
-from tests.interop.test_llava_interop import N, dirs, reference  # noqa: F401  (fixtures: the tiny Llava and transformers' copy)
+from tests.interop.llava_dirs import N, dirs, reference  # noqa: F401  (fixtures: the tiny Llava and transformers' copy)
 from vtc.errors import ConfigError
 
 # Questions in the tiny tokenizer's words (others would all be <unk>), images of several shapes so

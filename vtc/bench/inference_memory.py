@@ -1,12 +1,13 @@
 """Benchmark: peak memory and time of answering questions, per compressor, on trained checkpoints.
 
     python -m vtc.bench.inference_memory --ckpt PATH [--ablation pool_16,fastv_16,...]
-        [--trained LABEL=CKPT ...] [--batch 8] [--new-tokens N] [--repeats 3] [--device cpu|cuda]
+        [--trained LABEL=CKPT ...] [--batch N] [--new-tokens N] [--repeats 3] [--device cpu|cuda]
         [--out PATH]
 
 The arms, side by side in one run, each answering the same batch (the first ``--batch`` questions
-of the run's test split, prompted as ``vtc.load(...).generate`` prompts them, greedy, the run's
-``generation.max_new_tokens`` unless ``--new-tokens``):
+of the run's test split (default: its ``data.eval_batch_size``, eval.py's batch), prompted as
+``vtc.load(...).generate`` prompts them, greedy, the run's ``generation.max_new_tokens`` unless
+``--new-tokens``):
   - ``model``: ``--ckpt`` as trained (its own compressor);
   - each ``--ablation NAME``: ``--ckpt`` with conf/ablation/NAME's compressor applied at test time
     (what ``eval.py +ablation=NAME`` runs; training-free, so methods with parameters are refused);
@@ -72,11 +73,12 @@ def peak_bytes(fn, device: str) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run(ckpt: str, ablations: list[str] = (), trained: list[tuple[str, str]] = (), batch: int = 8,
+def run(ckpt: str, ablations: list[str] = (), trained: list[tuple[str, str]] = (), batch: int | None = None,
         new_tokens: int | None = None, repeats: int = 3, device: str = "cpu", threads: int | None = 2,
         log=print) -> dict:
     with C.torch_threads(threads):
         base = load(ckpt, device=device)
+        batch = batch or base.settings.eval_batch_size
         images, prompts = questions(base, batch)
         # (label, predictor, compressor): every arm is resolved (and its config checked) before any is measured.
         arms = [("model", base, None)]
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ablation", default="", help="comma-separated conf/ablation options applied to --ckpt")
     p.add_argument("--trained", type=_trained, action="append", default=[], metavar="LABEL=CKPT",
                    help="another checkpoint, with the compressor it was trained with (repeatable)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="default: the run's data.eval_batch_size")
     p.add_argument("--new-tokens", type=int, default=None, help="default: the run's generation.max_new_tokens")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, and torch sees no CUDA device")
-    if a.batch < 1 or a.repeats < 1:
+    if (a.batch is not None and a.batch < 1) or a.repeats < 1:
         p.error("--batch and --repeats: positive integers")
     ablations = [x for x in a.ablation.split(",") if x]
     res = run(a.ckpt, ablations, a.trained, a.batch, a.new_tokens, a.repeats, a.device, a.threads,
