@@ -9,7 +9,8 @@ sweep continued in a second launch, e.g. one more seed, is read whole that way) 
 test-time evaluations (the eval sweep named in results/study.json), pairs them by method option and
 seed (part 2 starts from part 1's model of the same seed), and writes results/trained/paired.md and
 .json: per method and budget the seeds both parts have, test accuracy (and by question type)
-trained, training-free, and their paired difference.
+trained, training-free, their paired difference, and the trained method minus random pruning
+trained alike at the same budget, seed by seed (with how many seeds it is above).
 """
 from __future__ import annotations
 
@@ -85,14 +86,20 @@ def main(argv=None) -> Path:
         f = [free[(option, s)]["test/acc"] for s in seeds] if all((option, s) in free for s in seeds) else None
         row = {"option": option, "seeds": seeds, "trained": t, "training_free": f,
                "trained_by_type": {k: [trained[(option, s)][f"test/acc_{k}"] for s in seeds] for k in TYPES}}
+        # Against random pruning at the same budget, fine-tuned alike, seed by seed (same start model).
+        rand = f"random_prune_{budget(option)}"
+        both = [s for s in seeds if (rand, s) in trained] if option not in ("none_64", rand) else []
+        row["vs_random"] = [trained[(option, s)]["test/acc"] - trained[(rand, s)]["test/acc"] for s in both]
         rows.append(row)
+        vs = (f"{mean_std(row['vs_random'])} ({sum(d > 0 for d in row['vs_random'])}/{len(both)} above)"
+              if both else "-")
         table.append(f"| {option} | {len(seeds)} | **{mean_std(t)}** | {mean_std(f) if f else '-'} | "
-                     f"{mean_std([x - y for x, y in zip(t, f)]) if f else '-'} | "
+                     f"{mean_std([x - y for x, y in zip(t, f)]) if f else '-'} | {vs} | "
                      + " | ".join(mean_std(row["trained_by_type"][k]) for k in TYPES) + " |")
     out = HERE / "results" / "trained"
     out.mkdir(parents=True, exist_ok=True)
-    head = ("| option | seeds | trained (200 steps) | training-free (part 1) | gain | cell | count | relation |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| option | seeds | trained (200 steps) | training-free (part 1) | gain | vs random pruning, trained "
+            "| cell | count | relation |\n|---|---|---|---|---|---|---|---|---|\n")
     (out / "paired.md").write_text(head + "\n".join(table) + "\n")
     (out / "paired.json").write_text(json.dumps(rows, indent=1))
     print(head + "\n".join(table))
