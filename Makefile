@@ -73,7 +73,7 @@ study-zoo: setup
 	$(PY) -m vtc.runs.study zoo_ranking $(ARGS)
 
 ## Study zoo_ranking, part 2: part 1's 3 models exported, then each method fine-tuned 200 steps at 16
-## tokens with its compression on (12 arms x 3 seeds, ~1 hour): make study-zoo-trained ARGS="[--seeds 0]"
+## and 4 tokens with its compression on (23 arms x 3 seeds, ~2 hours): make study-zoo-trained ARGS="[--seeds 0]"
 ZOO = outputs/studies/zoo_ranking
 study-zoo-trained: setup
 	for s in 0 1 2; do test -d $(ZOO)/export/seed_$$s || $(PY) -m vtc.eval.export \
