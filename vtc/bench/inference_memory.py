@@ -86,7 +86,7 @@ def run(ckpt: str, ablations: list[str] = (), trained: list[tuple[str, str]] = (
         arms += [(label, load(path, device=device), None) for label, path in trained]
         rows = []
         for label, pred, comp in arms:
-            pred.model_for(comp)  # builds the variant outside the measurement
+            model, _ = pred.model_for(comp)  # builds the variant outside the measurement
 
             def answer(pred=pred, comp=comp):
                 return pred.generate(images, prompts, compressor=comp, max_new_tokens=new_tokens, batch_size=batch)
@@ -97,7 +97,7 @@ def run(ckpt: str, ablations: list[str] = (), trained: list[tuple[str, str]] = (
                          "visual_tokens": sum(a.visual_tokens for a in answers) / len(answers),
                          "equiv_visual_tokens": sum(a.equiv_visual_tokens for a in answers) / len(answers),
                          "prefill_gflops": sum(a.prefill_flops for a in answers) / len(answers) / 1e9,
-                         "param_bytes": sum(p.numel() * p.element_size() for p in pred.model_for(comp)[0].parameters()),
+                         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                          "answers": [a.text for a in answers]})
             log(f"{label}: peak {peak / MB:.2f} MB, {rows[-1]['visual_tokens']:.1f} visual tokens")
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
